@@ -1,0 +1,127 @@
+"""The `roompay` command line."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from roompay.logs import configure_logging
+
+app = typer.Typer(
+    help="roompay: pay-per-use platform for in-room hotel appliances.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database tasks.", no_args_is_help=True)
+device_app = typer.Typer(help="Appliance IoT modules.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(device_app, name="device")
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its data.")] = Path(
+        "roompay-data"
+    ),
+    devices: Annotated[int, typer.Option(min=1, max=500, help="Simulated appliances.")] = 8,
+    admin_password: Annotated[
+        str | None, typer.Option(help="Password of the `admin` user.")
+    ] = None,
+    time_scale: Annotated[
+        float, typer.Option(min=1.0, max=10000.0, help="Appliance seconds per real second.")
+    ] = 60.0,
+) -> None:
+    """Run everything in one process: server, sandbox, embedded broker, appliances."""
+    from roompay.demo import DemoOptions, run_demo  # noqa: PLC0415 - keeps `--help` fast
+
+    configure_logging()
+    run_demo(
+        DemoOptions(host, port, data_dir, devices, admin_password, time_scale), echo=typer.echo
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+) -> None:
+    """Run the server alone, configured by ROOMPAY_* environment variables."""
+    from roompay.payments.factory import build_providers  # noqa: PLC0415
+    from roompay.runtime import Runtime  # noqa: PLC0415
+    from roompay.sandbox.app import Sandbox  # noqa: PLC0415
+    from roompay.settings import Settings  # noqa: PLC0415
+    from roompay.web.app import create_app  # noqa: PLC0415
+
+    configure_logging()
+    settings = Settings()
+    sandbox = (
+        Sandbox(settings.data_dir / "sandbox", time_scale=settings.sandbox_time_scale)
+        if settings.sandbox_enabled
+        else None
+    )
+    runtime = Runtime(settings, build_providers(settings), sandbox=sandbox)
+    uvicorn.run(create_app(runtime), host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def sandbox(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8100,
+    state_dir: Annotated[Path, typer.Option(help="Where the sandbox keeps its keys.")] = Path(
+        "roompay-data/sandbox"
+    ),
+    time_scale: Annotated[float, typer.Option(min=0.001, help="Notify retry speed-up.")] = 1.0,
+) -> None:
+    """Run the provider sandbox alone (WeChat Pay v3 and Alipay emulators)."""
+    from roompay.sandbox.app import create_sandbox_app  # noqa: PLC0415
+    from roompay.settings import Settings  # noqa: PLC0415
+
+    configure_logging()
+    if Settings().is_production:
+        raise typer.BadParameter("the sandbox refuses to run in production mode")
+    uvicorn.run(create_sandbox_app(state_dir, time_scale), host=host, port=port, log_config=None)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (ROOMPAY_DATABASE_URL, default SQLite in the data dir)."""
+    from roompay.settings import Settings  # noqa: PLC0415
+    from roompay.store.db import upgrade  # noqa: PLC0415
+
+    settings = Settings()
+    upgrade(settings.resolved_database_url)
+    typer.echo("database is up to date")
+
+
+@device_app.command("run")
+def device_run(
+    code: Annotated[str, typer.Option(help="The device code, [A-Za-z0-9_-]{1,64}.")],
+    mqtt_url: Annotated[
+        str, typer.Option(help="mqtt://[user:pass@]host[:port]")
+    ] = "mqtt://127.0.0.1:1883",
+    topic_root: Annotated[str, typer.Option(help="Topic root, as the server's.")] = "roompay/v1",
+    time_scale: Annotated[
+        float, typer.Option(min=0.001, help="Appliance seconds per real second.")
+    ] = 1.0,
+    progress_every_s: Annotated[
+        float, typer.Option(min=0.001, help="Progress report interval (appliance s).")
+    ] = 60.0,
+) -> None:
+    """Run one appliance's IoT module (simulated relay) until Ctrl-C."""
+    from roompay.device.agent import main  # noqa: PLC0415
+
+    configure_logging()
+    try:
+        main(code, mqtt_url, topic_root, time_scale, progress_every_s)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def version(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Print the version."""
+    from roompay import __version__  # noqa: PLC0415
+
+    typer.echo(json.dumps({"version": __version__}) if as_json else __version__)

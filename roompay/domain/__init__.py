@@ -1,0 +1,1 @@
+"""Pure domain logic: money, catalog, orders. No I/O, no frameworks."""

@@ -1,0 +1,61 @@
+"""The order state machine.
+
+An order moves only forward. The happy path is
+awaiting_payment -> paid -> running -> completed; an unpaid order expires.
+Refund states belong to paid orders whose appliance did not (fully) run.
+"""
+
+from enum import StrEnum
+
+from roompay.domain.errors import InvalidTransitionError
+
+
+class OrderStatus(StrEnum):
+    """Where an order is in its life."""
+
+    AWAITING_PAYMENT = "awaiting_payment"
+    PAID = "paid"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    REFUNDED = "refunded"
+    PARTIALLY_REFUNDED = "partially_refunded"
+
+
+_NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
+    OrderStatus.AWAITING_PAYMENT: frozenset({OrderStatus.PAID, OrderStatus.EXPIRED}),
+    # A payment that lands after expiry is still money received: it must end ran-or-refunded.
+    OrderStatus.EXPIRED: frozenset({OrderStatus.PAID}),
+    OrderStatus.PAID: frozenset({OrderStatus.RUNNING, OrderStatus.REFUNDED}),
+    OrderStatus.RUNNING: frozenset(
+        {OrderStatus.COMPLETED, OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}
+    ),
+    OrderStatus.COMPLETED: frozenset(),
+    OrderStatus.PARTIALLY_REFUNDED: frozenset(),
+    OrderStatus.REFUNDED: frozenset(),
+}
+
+TERMINAL: frozenset[OrderStatus] = frozenset(s for s, nxt in _NEXT.items() if not nxt)
+
+
+def can_move(current: OrderStatus, target: OrderStatus) -> bool:
+    """Tell whether an order in `current` may move to `target`."""
+    return target in _NEXT[current]
+
+
+def move(current: OrderStatus, target: OrderStatus) -> OrderStatus:
+    """Return `target` if the move is allowed, else raise InvalidTransitionError."""
+    if not can_move(current, target):
+        raise InvalidTransitionError(f"order cannot move from {current} to {target}")
+    return target
+
+
+def is_paid_state(status: OrderStatus) -> bool:
+    """Tell whether money has been received for an order in this state."""
+    return status in {
+        OrderStatus.PAID,
+        OrderStatus.RUNNING,
+        OrderStatus.COMPLETED,
+        OrderStatus.REFUNDED,
+        OrderStatus.PARTIALLY_REFUNDED,
+    }

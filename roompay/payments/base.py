@@ -1,0 +1,101 @@
+"""The provider-neutral payment interface and its result types.
+
+Each provider package (`wechatpay`, `alipay`) implements `PaymentProvider`: it
+signs and sends requests, verifies every response, parses inbound notifications
+and translates the provider's errors into `payments.errors`, so nothing outside
+the package knows a wire format.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from roompay.domain.catalog import Wallet
+from roompay.domain.money import Fen
+
+
+class TradeState(StrEnum):
+    """A provider trade's state in our words."""
+
+    NOT_PAID = "not_paid"  # created or scanned, waiting for the guest
+    SUCCESS = "success"  # paid; refundable
+    CLOSED = "closed"  # closed or expired without payment, or fully refunded
+    REFUNDED = "refunded"  # wholly or partly refunded after payment
+    NOT_FOUND = "not_found"  # the provider does not know it (Alipay before the scan)
+
+
+@dataclass(frozen=True, slots=True)
+class QrOrderRequest:
+    """What we ask a provider for when a guest checks out."""
+
+    out_trade_no: str
+    description: str
+    amount_fen: Fen
+    expires_at: datetime
+    notify_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class QrOrder:
+    """The provider's answer: the content to render as the QR code."""
+
+    out_trade_no: str
+    qr_content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentNotification:
+    """A verified, decoded payment notification.
+
+    `merchant_ok` is False when the notify is authentic but addressed to another
+    merchant or app (mchid/appid, or app_id/seller_id): such money must never start
+    an appliance.
+    """
+
+    wallet: Wallet
+    out_trade_no: str
+    provider_trade_no: str
+    state: TradeState
+    amount_fen: Fen
+    paid_at: datetime | None
+    notification_id: str
+    merchant_ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyReply:
+    """What to answer the provider after handling a notification."""
+
+    status_code: int
+    body: bytes
+    media_type: str
+
+
+class PaymentProvider(Protocol):
+    """One wallet's provider, as the services see it."""
+
+    wallet: Wallet
+
+    def create_qr_order(self, request: QrOrderRequest) -> QrOrder:
+        """Create a QR-code order at the provider and return the QR content."""
+        ...
+
+    def parse_notification(
+        self, headers: Mapping[str, str], body: bytes, now: datetime
+    ) -> PaymentNotification:
+        """Verify and decode a payment notification; raise NotificationRejectedError."""
+        ...
+
+    def reply_ok(self) -> NotifyReply:
+        """The reply that tells the provider the notification was handled."""
+        ...
+
+    def reply_fail(self, reason: str) -> NotifyReply:
+        """The reply that makes the provider send the notification again later."""
+        ...
+
+    def close(self) -> None:
+        """Release network connections."""
+        ...

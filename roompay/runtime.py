@@ -1,0 +1,113 @@
+"""The composition root: builds the server's parts from settings and starts/stops them.
+
+Nothing else in the project creates engines, brokers, links or providers.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, func, select
+
+from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
+from roompay.domain.catalog import Wallet
+from roompay.iot.broker import EmbeddedBroker
+from roompay.iot.link import MqttLink
+from roompay.payments.base import PaymentProvider
+from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
+from roompay.protocol.topics import ParsedTopic, Topics
+from roompay.services.context import ServiceContext
+from roompay.services.devices import handle_device_message
+from roompay.services.dispatch import DispatcherThread
+from roompay.services.metrics import Metrics
+from roompay.services.orders import count_by_status
+from roompay.settings import Settings
+from roompay.store.db import make_engine, session_factory
+from roompay.store.models import Device
+
+if TYPE_CHECKING:
+    from roompay.sandbox.app import Sandbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything one server process runs, wired together."""
+
+    settings: Settings
+    providers: dict[Wallet, PaymentProvider]
+    clock: Clock = field(default_factory=SystemClock)
+    ids: IdGenerator = field(default_factory=RandomIds)
+    sandbox: "Sandbox | None" = None
+    broker: EmbeddedBroker | None = None
+    engine: Engine = field(init=False)
+    ctx: ServiceContext = field(init=False)
+    link: MqttLink | None = field(init=False, default=None)
+    dispatcher: DispatcherThread | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.engine = make_engine(self.settings.resolved_database_url)
+        self.ctx = ServiceContext(
+            settings=self.settings,
+            sessions=session_factory(self.engine),
+            clock=self.clock,
+            ids=self.ids,
+            providers=self.providers,
+            metrics=Metrics(),
+        )
+        self.ctx.metrics.watch_snapshot(self._orders_by_status, self._devices_online)
+
+    @property
+    def topics(self) -> Topics:
+        """The MQTT topic layout under the configured root."""
+        return Topics(self.settings.mqtt_topic_root)
+
+    def mqtt_endpoint_url(self) -> str:
+        """Where the broker is: the embedded one (started on first use), or the configured URL."""
+        if self.settings.mqtt_url == "embedded":
+            if self.broker is None:
+                self.broker = EmbeddedBroker()
+                self.broker.start()
+            return self.broker.url
+        return self.settings.mqtt_url
+
+    def mqtt_endpoint(self) -> MqttEndpoint:
+        """The broker's endpoint."""
+        return parse_mqtt_url(self.mqtt_endpoint_url())
+
+    def start(self) -> None:
+        """Connect to the broker and start dispatching commands."""
+        endpoint = self.mqtt_endpoint()
+        self.link = MqttLink(
+            endpoint, self.topics, f"roompay-server-{self.ids.token(4)}", self._on_message
+        )
+        self.link.start(timeout_s=10)
+        self.dispatcher = DispatcherThread(self.ctx, self.link)
+        self.ctx.on_commands_queued = self.dispatcher.wake
+        self.dispatcher.start()
+        log.info("server runtime started", extra={"mqtt": f"{endpoint.host}:{endpoint.port}"})
+
+    def stop(self) -> None:
+        """Stop dispatching, disconnect, stop the embedded broker, close the database."""
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        if self.link is not None:
+            self.link.stop()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        for provider in self.providers.values():
+            provider.close()
+        self.engine.dispose()
+
+    def _on_message(self, _topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        handle_device_message(self.ctx, parsed, payload)
+
+    def _orders_by_status(self) -> dict[str, int]:
+        with self.ctx.sessions() as session:
+            return count_by_status(session)
+
+    def _devices_online(self) -> int:
+        with self.ctx.sessions() as session:
+            return int(session.scalar(select(func.count()).where(Device.online.is_(True))) or 0)

@@ -1,0 +1,78 @@
+"""The sandbox as a whole: both providers' emulators and the guest's actions.
+
+Mounted under `/sandbox` (inside `roompay demo`, or alone by `roompay sandbox`):
+`/sandbox/wechatpay/...` and `/sandbox/alipay/gateway.do` are the providers' APIs at
+their real paths, `/sandbox/pay` is the guest scanning and paying.
+"""
+
+from pathlib import Path
+
+import httpx
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from roompay.clock import Clock, SystemClock
+from roompay.sandbox.alipay import AlipayEmulator
+from roompay.sandbox.notifier import Notifier
+from roompay.sandbox.wechatpay import WechatPayEmulator
+
+
+class PayIn(BaseModel):
+    """The guest scans this QR content and pays."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    qr: str = Field(min_length=1, max_length=512)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class Sandbox:
+    """Both emulators with one notifier, and the guest's actions."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        clock: Clock | None = None,
+        time_scale: float = 1.0,
+        notify_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        clock = clock or SystemClock()
+        self.notifier = Notifier(time_scale=time_scale, transport=notify_transport)
+        self.wechatpay = WechatPayEmulator(state_dir, clock, self.notifier)
+        self.alipay = AlipayEmulator(state_dir, clock, self.notifier)
+
+    def router(self) -> APIRouter:
+        """All sandbox routes under `/sandbox`."""
+        router = APIRouter(prefix="/sandbox", tags=["sandbox"])
+        router.include_router(self.wechatpay.router(), prefix="/wechatpay")
+        router.include_router(self.alipay.router(), prefix="/alipay")
+        router.add_api_route("/pay", self._pay, methods=["POST"])
+        return router
+
+    async def _pay(self, body: PayIn) -> JSONResponse:
+        """The guest scans the QR code with the matching app and pays."""
+        for emulator in (self.wechatpay, self.alipay):
+            if emulator.owns_qr(body.qr):
+                try:
+                    result = await emulator.guest_pay(body.qr)
+                except ValueError as exc:
+                    return _error(409, "cannot_pay", str(exc))
+                return JSONResponse(result)
+        return _error(404, "unknown_qr", "no sandbox order has this QR content")
+
+    async def aclose(self) -> None:
+        """Stop pending notification deliveries."""
+        await self.notifier.aclose()
+
+
+def create_sandbox_app(state_dir: Path, time_scale: float = 1.0) -> FastAPI:
+    """The sandbox alone, as `roompay sandbox` serves it."""
+    sandbox = Sandbox(state_dir, time_scale=time_scale)
+    app = FastAPI(title="roompay provider sandbox")
+    app.include_router(sandbox.router())
+    return app

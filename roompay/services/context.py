@@ -1,0 +1,30 @@
+"""The collaborators every use case gets, built once by the composition root."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from roompay.clock import Clock, IdGenerator
+from roompay.domain.catalog import Wallet
+from roompay.payments.base import PaymentProvider
+from roompay.services.metrics import Metrics
+from roompay.settings import Settings
+
+
+@dataclass
+class ServiceContext:
+    """Settings, database sessions, clock, ids and providers for the use cases."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    clock: Clock
+    ids: IdGenerator
+    providers: dict[Wallet, PaymentProvider]
+    metrics: Metrics
+    # Called after a transaction has queued commands, so the dispatcher wakes at once.
+    on_commands_queued: Callable[[], None] = field(default=lambda: None)
+
+    def provider(self, wallet: Wallet) -> PaymentProvider:
+        """Return the provider for a wallet; raises KeyError if it is not configured."""
+        return self.providers[wallet]

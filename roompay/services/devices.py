@@ -1,0 +1,204 @@
+"""What devices tell the server: presence, command answers and run events.
+
+Each message is applied in one transaction and is idempotent: a run event is kept
+once per (run, event, seq), presence never goes back to an older boot, and an order
+only moves forward.
+"""
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from roompay.domain.orders import OrderStatus, can_move
+from roompay.logs import order_context
+from roompay.protocol.errors import ProtocolError
+from roompay.protocol.messages import (
+    AckStatus,
+    CommandAck,
+    DevicePresence,
+    EndReason,
+    Heartbeat,
+    RunEvent,
+    RunEventKind,
+    StateMessage,
+    decode,
+)
+from roompay.protocol.topics import ParsedTopic
+from roompay.services.context import ServiceContext
+from roompay.services.dispatch import fail_start
+from roompay.services.orders import record_event
+from roompay.services.refunds import request_refund
+from roompay.store.db import transaction
+from roompay.store.models import Command, Device, Order, RunEventRecord
+
+log = logging.getLogger(__name__)
+
+
+def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
+    """Apply one message from a device; malformed or foreign messages change nothing."""
+    try:
+        if topic.kind == "state":
+            _on_state(ctx, topic.code, decode(StateMessage, payload))
+        elif topic.kind == "evt" and topic.name == "ack":
+            _on_ack(ctx, topic.code, decode(CommandAck, payload))
+        elif topic.kind == "evt" and topic.name == "run":
+            _on_run(ctx, topic.code, decode(RunEvent, payload))
+        elif topic.kind == "evt" and topic.name == "hb":
+            _on_heartbeat(ctx, topic.code, decode(Heartbeat, payload))
+        else:
+            log.info("ignored device message on %s/%s", topic.kind, topic.name)
+    except ProtocolError as exc:
+        log.warning("bad message from device %s: %s", topic.code, exc)
+
+
+def _device(session: Session, code: str) -> Device | None:
+    device = session.scalars(
+        select(Device).where(Device.code == code).with_for_update()
+    ).one_or_none()
+    if device is None:
+        log.warning("message from unknown device %s", code)
+    return device
+
+
+def _on_state(ctx: ServiceContext, code: str, message: StateMessage) -> None:
+    now = ctx.clock.now()
+    resend = False
+    with transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        if device is None or message.boot_id < device.boot_id:
+            return  # a stale will from an earlier boot must not overwrite a newer birth
+        device.boot_id = message.boot_id
+        device.online = message.state is DevicePresence.ONLINE
+        device.last_seen_at = now
+        if device.online:
+            resend = _resend_open_commands(session, device, now) > 0
+    if resend:
+        ctx.on_commands_queued()
+
+
+def _resend_open_commands(session: Session, device: Device, now: datetime) -> int:
+    """Make the device's unanswered commands due now: it may have missed them offline."""
+    result = session.execute(
+        update(Command)
+        .where(Command.device_id == device.id, Command.status.in_(("pending", "sent")))
+        .values(next_attempt_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _on_heartbeat(ctx: ServiceContext, code: str, _message: Heartbeat) -> None:
+    with transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        if device is not None:
+            device.last_seen_at = ctx.clock.now()
+            device.online = True
+
+
+def _on_ack(ctx: ServiceContext, code: str, ack: CommandAck) -> None:
+    with transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        command = session.get(Command, ack.cmd_id, with_for_update=True)
+        if device is None or command is None or command.device_id != device.id:
+            log.warning("ack for a command %s not sent to %s", ack.cmd_id, code)
+            return
+        with order_context(command.order_id):
+            _apply_ack(ctx, session, command, ack)
+
+
+def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: CommandAck) -> None:
+    if command.status not in ("pending", "sent"):
+        return  # already answered; a duplicate answer changes nothing
+    now = ctx.clock.now()
+    command.answered_at = now
+    command.answer = ack.status.value if ack.reason is None else f"{ack.status}:{ack.reason}"
+    if ack.status is AckStatus.REJECTED:
+        command.status = "rejected"
+        fail_start(ctx, session, command.order_id, f"device_rejected:{ack.reason}")
+        return
+    command.status = "accepted"
+    order = session.get_one(Order, command.order_id)
+    record_event(session, order.id, now, "command_accepted", cmd_id=command.id, run_id=ack.run_id)
+    if order.paid_at is not None:
+        ctx.metrics.command_seconds.observe((now - order.paid_at).total_seconds())
+
+
+def _on_run(ctx: ServiceContext, code: str, event: RunEvent) -> None:
+    with order_context(event.order_id), transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        order = session.get(Order, event.order_id, with_for_update=True)
+        if device is None or order is None or order.device_id != device.id:
+            log.warning("run event for an order %s not placed on %s", event.order_id, code)
+            return
+        if not _first_time(ctx, session, device, order, event):
+            return
+        if event.event is RunEventKind.STARTED:
+            _started(ctx, session, device, order, event)
+        elif event.event is RunEventKind.ENDED:
+            _ended(ctx, session, device, order, event)
+
+
+def _first_time(
+    ctx: ServiceContext, session: Session, device: Device, order: Order, event: RunEvent
+) -> bool:
+    """Keep the event once; return False if this (run, event, seq) was seen before."""
+    record = RunEventRecord(
+        order_id=order.id,
+        device_id=device.id,
+        run_id=event.run_id,
+        event=event.event.value,
+        seq=event.seq,
+        elapsed_s=event.elapsed_s,
+        remaining_s=event.remaining_s,
+        reported_at=event.ts,
+        received_at=ctx.clock.now(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _started(
+    ctx: ServiceContext, session: Session, device: Device, order: Order, event: RunEvent
+) -> None:
+    if not can_move(OrderStatus(order.status), OrderStatus.RUNNING):
+        log.warning("started event for an order in %s", order.status)
+        return
+    now = ctx.clock.now()
+    order.status = OrderStatus.RUNNING.value
+    order.started_at = event.ts
+    device.state = "running"
+    device.current_order_id = order.id
+    record_event(session, order.id, now, "started", run_id=event.run_id)
+
+
+def _ended(
+    ctx: ServiceContext, session: Session, device: Device, order: Order, event: RunEvent
+) -> None:
+    now = ctx.clock.now()
+    if order.status == OrderStatus.PAID:
+        # The started event was lost; the run still happened.
+        order.started_at = order.started_at or event.ts
+        order.status = OrderStatus.RUNNING.value
+    if order.status != OrderStatus.RUNNING:
+        log.warning("ended event for an order in %s", order.status)
+        return
+    actual = event.actual_run_s if event.actual_run_s is not None else event.elapsed_s
+    order.status = OrderStatus.COMPLETED.value
+    order.ended_at = event.ts
+    order.actual_run_s = actual
+    order.end_reason = (event.reason or EndReason.COMPLETED).value
+    if device.current_order_id == order.id:
+        device.state = "idle"
+        device.current_order_id = None
+    record_event(session, order.id, now, "ended", reason=order.end_reason, actual_run_s=actual)
+    if actual < order.duration_s and event.reason is not EndReason.COMPLETED:
+        unused = order.amount_fen * (order.duration_s - actual) // order.duration_s
+        request_refund(
+            ctx, session, order, unused, f"early_stop:{order.end_reason}", key=f"{order.id}-early"
+        )

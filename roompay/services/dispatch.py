@@ -1,0 +1,123 @@
+"""The outbox dispatcher: publishes queued start commands until the device answers.
+
+The same command id is re-sent every `command_resend_s` until the device answers
+or the start deadline passes; a deadline passed without an answer fails the start
+and owes the guest a full refund. Rows are claimed with FOR UPDATE SKIP LOCKED on
+PostgreSQL, so several server processes can dispatch side by side.
+"""
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from roompay.logs import order_context
+from roompay.protocol.messages import StartCommand
+from roompay.services.context import ServiceContext
+from roompay.services.orders import record_event
+from roompay.services.refunds import request_refund
+from roompay.store.db import transaction
+from roompay.store.models import Command, Device, Order
+
+log = logging.getLogger(__name__)
+
+OPEN_STATUSES = ("pending", "sent")
+
+
+class CommandPublisher(Protocol):
+    """Sends commands to devices (the MQTT link, in production)."""
+
+    @property
+    def connected(self) -> bool:
+        """Tell whether commands can be sent now."""
+        ...
+
+    def publish_start(self, code: str, command: StartCommand) -> None:
+        """Send a start command to the device with this code."""
+        ...
+
+
+def dispatch_due(ctx: ServiceContext, publisher: CommandPublisher, batch: int = 200) -> int:
+    """Send or expire every command that is due; return how many were handled."""
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        rows = session.execute(
+            select(Command, Device.code)
+            .join(Device, Command.device_id == Device.id)
+            .where(Command.status.in_(OPEN_STATUSES), Command.next_attempt_at <= now)
+            .order_by(Command.next_attempt_at)
+            .limit(batch)
+            .with_for_update(skip_locked=True, of=Command)
+        ).all()
+        for command, code in rows:
+            with order_context(command.order_id):
+                _handle(ctx, session, publisher, command, code)
+    return len(rows)
+
+
+def _handle(
+    ctx: ServiceContext, session: Session, publisher: CommandPublisher, command: Command, code: str
+) -> None:
+    now = ctx.clock.now()
+    if now >= command.deadline_at:
+        command.status = "expired"
+        fail_start(ctx, session, command.order_id, "start_deadline_passed")
+        return
+    command.next_attempt_at = now + timedelta(seconds=ctx.settings.command_resend_s)
+    if not publisher.connected:
+        return
+    publisher.publish_start(code, StartCommand.model_validate(command.payload))
+    command.status = "sent"
+    command.attempts += 1
+    command.sent_at = command.sent_at or now
+    if command.attempts == 1:
+        record_event(session, command.order_id, now, "command_sent", cmd_id=command.id)
+
+
+def fail_start(ctx: ServiceContext, session: Session, order_id: str, reason: str) -> None:
+    """The appliance did not start: owe the guest everything back."""
+    order = session.get_one(Order, order_id, with_for_update=True)
+    record_event(session, order_id, ctx.clock.now(), "start_failed", reason=reason)
+    request_refund(ctx, session, order, order.amount_fen, reason, key=f"{order_id}-start")
+    log.warning("start failed: %s", reason)
+
+
+class DispatcherThread:
+    """Runs `dispatch_due` in the background, woken at once when commands are queued."""
+
+    def __init__(
+        self, ctx: ServiceContext, publisher: CommandPublisher, poll_s: float = 0.5
+    ) -> None:
+        self._ctx = ctx
+        self._publisher = publisher
+        self._poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def wake(self) -> None:
+        """Dispatch now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._poll_s)
+            self._wake.clear()
+            try:
+                dispatch_due(self._ctx, self._publisher)
+            except Exception:
+                log.exception("dispatch failed; retrying at the next poll")

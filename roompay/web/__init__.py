@@ -1,0 +1,1 @@
+"""HTTP: the JSON API, provider notify endpoints, guest pages and operations endpoints."""

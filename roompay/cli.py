@@ -15,7 +15,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database tasks.", no_args_is_help=True)
 device_app = typer.Typer(help="Appliance IoT modules.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+bench_app = typer.Typer(help="Performance figures measured on this machine.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
+app.add_typer(bench_app, name="bench")
 
 
 @app.command()
@@ -117,6 +119,32 @@ def device_run(
         main(code, mqtt_url, topic_root, time_scale, progress_every_s)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+@bench_app.command("journey")
+def bench_journey(
+    count: Annotated[int, typer.Option(min=1, max=1000, help="Journeys to run.")] = 20,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures here.")
+    ] = None,
+) -> None:
+    """Scan-to-run latency in the demo setup: sandbox pay -> paid -> appliance started."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from roompay.bench import run_journeys, write_json  # noqa: PLC0415
+
+    configure_logging("WARNING")
+    figures = run_journeys(count)
+    table = Table(title=f"scan-to-run journeys (n={figures.count}, SQLite + embedded broker)")
+    table.add_column("figure")
+    table.add_column("ms", justify="right")
+    for name, value in vars(figures).items():
+        if name != "count":
+            table.add_row(name, f"{value:.1f}")
+    Console().print(table)
+    if json_file is not None:
+        write_json(figures, json_file)
 
 
 @app.command()

@@ -171,6 +171,8 @@ def run_demo(options: DemoOptions, echo: Any = print) -> None:
     )
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; ours follows
     finally:
         for agent in agents:
             agent.stop()

@@ -1,9 +1,9 @@
 """Errors of the domain. Every failure the product can name has a type here.
 
-    DomainError
-    ├── InvalidAmountError        an amount that is not whole positive fen
-    ├── InvalidTransitionError    an order asked to move where its state machine forbids
-    └── NotFoundError             a device, program, hotel or order that does not exist
+DomainError
+├── InvalidAmountError        an amount that is not whole positive fen
+├── InvalidTransitionError    an order asked to move where its state machine forbids
+└── NotFoundError             a device, program, hotel or order that does not exist
 """
 
 

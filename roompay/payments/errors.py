@@ -1,10 +1,10 @@
 """Errors raised by payment providers, translated once, in each provider package.
 
-    PaymentError
-    ├── ProviderUnavailableError   network failure, timeout or 5xx: safe to retry the same request
-    ├── ProviderRejectedError      the provider answered with a business or request error code
-    ├── ProviderSignatureError     a response whose signature does not verify: never trusted
-    └── NotificationRejectedError  an inbound notify that failed verification or decoding
+PaymentError
+├── ProviderUnavailableError   network failure, timeout or 5xx: safe to retry the same request
+├── ProviderRejectedError      the provider answered with a business or request error code
+├── ProviderSignatureError     a response whose signature does not verify: never trusted
+└── NotificationRejectedError  an inbound notify that failed verification or decoding
 """
 
 

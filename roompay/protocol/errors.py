@@ -1,9 +1,9 @@
 """Errors of the device link. Every failure at the MQTT edge has a type here.
 
-    LinkError
-    ├── ProtocolError         a payload that is not JSON or does not match its message schema
-    │   └── InvalidTopicError a topic or device code outside the layout (also a ValueError)
-    └── ConnectError          the broker refused the connection or did not answer in time
+LinkError
+├── ProtocolError         a payload that is not JSON or does not match its message schema
+│   └── InvalidTopicError a topic or device code outside the layout (also a ValueError)
+└── ConnectError          the broker refused the connection or did not answer in time
 """
 
 

@@ -533,8 +533,11 @@ class AlipayEmulator:
         trade.buyer_logon_id = "gue***@example.com"
         trade.scanned_at = now
 
-    async def guest_pay(self, qr: str) -> dict[str, str]:
-        """Scan if needed and pay as the guest; then notify the merchant in the background."""
+    async def guest_pay(self, qr: str, notify_amount_fen: int | None = None) -> dict[str, str]:
+        """Scan if needed and pay as the guest; then notify the merchant in the background.
+
+        `notify_amount_fen` is fault injection: the signed notify claims that amount.
+        """
         self.scan(qr)
         trade = self._by_qr[qr]
         self._refresh(trade)
@@ -546,7 +549,9 @@ class AlipayEmulator:
         trade.status = TradeStatus.TRADE_SUCCESS
         trade.paid_at = paid_at
         if trade.notify_url:
-            notification = self._payment_notification(trade, trade.notify_url, paid_at)
+            notification = self._payment_notification(
+                trade, trade.notify_url, paid_at, notify_amount_fen
+            )
             self._notifier.send(notification, ALIPAY_RETRY_DELAYS_S)
         return {
             "provider": "alipay",
@@ -555,9 +560,9 @@ class AlipayEmulator:
         }
 
     def _payment_notification(
-        self, trade: _Trade, notify_url: str, paid_at: datetime
+        self, trade: _Trade, notify_url: str, paid_at: datetime, amount_fen: int | None = None
     ) -> Notification:
-        amount = yuan_str(trade.amount_fen)
+        amount = yuan_str(trade.amount_fen if amount_fen is None else amount_fen)
         fields = {
             "notify_time": beijing_timestamp(self._clock.now()),
             "notify_type": NOTIFY_TYPE_TRADE_STATUS_SYNC,

@@ -24,6 +24,8 @@ class PayIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     qr: str = Field(min_length=1, max_length=512)
+    # Fault injection: the provider's signed notify claims this amount instead of the order's.
+    notify_amount_fen: int | None = Field(default=None, gt=0)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -59,7 +61,7 @@ class Sandbox:
         for emulator in (self.wechatpay, self.alipay):
             if emulator.owns_qr(body.qr):
                 try:
-                    result = await emulator.guest_pay(body.qr)
+                    result = await emulator.guest_pay(body.qr, body.notify_amount_fen)
                 except ValueError as exc:
                     return _error(409, "cannot_pay", str(exc))
                 return JSONResponse(result)

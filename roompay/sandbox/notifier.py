@@ -16,7 +16,22 @@ log = logging.getLogger(__name__)
 
 # WeChat Pay: 15s/15s/30s/3m/10m/20m/30m/30m/30m/60m/3h/3h/3h/6h/6h (24h4m in all).
 WECHAT_RETRY_DELAYS_S: tuple[float, ...] = (
-    0, 15, 15, 30, 180, 600, 1200, 1800, 1800, 1800, 3600, 10800, 10800, 10800, 21600, 21600,
+    0,
+    15,
+    15,
+    30,
+    180,
+    600,
+    1200,
+    1800,
+    1800,
+    1800,
+    3600,
+    10800,
+    10800,
+    10800,
+    21600,
+    21600,
 )
 # Alipay: 4m,10m,10m,1h,2h,6h,15h after the first delivery (8 deliveries in ~25 h).
 ALIPAY_RETRY_DELAYS_S: tuple[float, ...] = (0, 240, 600, 600, 3600, 7200, 21600, 54000)

@@ -439,8 +439,11 @@ class WechatPayEmulator:
         """Tell whether a QR's content is the code_url of one of this sandbox's trades."""
         return qr in self._by_code_url
 
-    async def guest_pay(self, qr: str) -> dict[str, str]:
-        """Pay the trade behind a code_url and send the merchant its payment notify."""
+    async def guest_pay(self, qr: str, notify_amount_fen: int | None = None) -> dict[str, str]:
+        """Pay the trade behind a code_url and send the merchant its payment notify.
+
+        `notify_amount_fen` is fault injection: the signed notify claims that amount.
+        """
         key = self._by_code_url.get(qr)
         if key is None:
             raise ValueError("unknown WeChat Pay code_url (the sandbox forgets trades on restart)")
@@ -458,18 +461,25 @@ class WechatPayEmulator:
         date = now.astimezone(c.CHINA_TZ).strftime("%Y%m%d")
         trade.transaction_id = f"4200{_random_digits(6)}{date}{_random_digits(10)}"
         trade.openid = "o" + _random_chars(27)
-        self._notifier.send(self._payment_notify(trade), WECHAT_RETRY_DELAYS_S)
+        self._notifier.send(self._payment_notify(trade, notify_amount_fen), WECHAT_RETRY_DELAYS_S)
         return {
             "provider": "wechatpay",
             "out_trade_no": trade.order.out_trade_no,
             "transaction_id": trade.transaction_id,
         }
 
-    def _payment_notify(self, trade: Trade) -> Notification:
+    def _payment_notify(self, trade: Trade, amount_fen: int | None = None) -> Notification:
         merchant = self._merchants[trade.order.mchid]
         now = self._clock.now()
         nonce = _random_chars(c.AEAD_NONCE_LENGTH)
-        plaintext = _dump(trade.to_json())
+        transaction = trade.to_json()
+        if amount_fen is not None:
+            transaction["amount"] = {
+                **transaction["amount"],
+                "total": amount_fen,
+                "payer_total": amount_fen,
+            }
+        plaintext = _dump(transaction)
         envelope = {
             "id": "EV-" + _random_digits(20),
             "create_time": _rfc3339(now),

@@ -1,12 +1,20 @@
 """Refuse request bodies above a size limit before anything reads them."""
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roompay.web.errors import error_response
 
 
-class BodyTooLargeError(Exception):
-    """Raised inside the receive channel when a streamed body passes the limit."""
+class BodyTooLargeError(HTTPException):
+    """Raised inside the receive channel when a streamed body passes the limit.
+
+    An HTTPException, so that FastAPI's body parsing lets it through as a 413
+    instead of turning it into a generic 400.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body is larger than {max_bytes} bytes")
 
 
 class BodySizeLimit:
@@ -33,7 +41,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLargeError
+                    raise BodyTooLargeError(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -81,8 +81,7 @@ def device_agents(
     for agent in agents:
         agent.start()
     try:
-        for code in codes:
-            wait_for(lambda code=code: device_online(stack, code), 15, f"{code} online")
+        wait_for(lambda: all(device_online(stack, code) for code in codes), 15, "devices online")
         yield agents
     finally:
         for agent in agents:

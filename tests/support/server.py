@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,22 @@ TABLES = (
 )
 
 
+class TamperingTransport(httpx.AsyncBaseTransport):
+    """The sandbox's outgoing notifies, optionally altered on the way (a forger in between)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.tamper: Callable[[httpx.Request], httpx.Request] | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.tamper is not None:
+            request = self.tamper(request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
@@ -58,6 +74,7 @@ class Stack:
     base_url: str
     mqtt_url: str
     device_codes: list[str]
+    notify_wire: TamperingTransport
 
     @property
     def settings(self) -> Settings:
@@ -110,7 +127,9 @@ def running_stack(
     base_url = f"http://127.0.0.1:{port}"
     sandbox_dir = work_dir / "sandbox"
     shutil.copytree(keys_dir / "sandbox", sandbox_dir)
-    sandbox = Sandbox(sandbox_dir, time_scale=float(overrides.pop("sandbox_time_scale", 1000.0)))  # type: ignore[arg-type]
+    wire = TamperingTransport()
+    time_scale = float(overrides.pop("sandbox_time_scale", 1000.0))  # type: ignore[arg-type]
+    sandbox = Sandbox(sandbox_dir, time_scale=time_scale, notify_transport=wire)
     merchant = sandbox_merchant_settings(keys_dir / "merchant", sandbox, base_url)
     merchant |= {
         "wechat_base_url": f"{base_url}/sandbox/wechatpay",
@@ -144,7 +163,7 @@ def running_stack(
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield Stack(runtime, base_url, runtime.mqtt_endpoint_url(), codes)
+        yield Stack(runtime, base_url, runtime.mqtt_endpoint_url(), codes, wire)
     finally:
         server.should_exit = True
         thread.join(timeout=15)

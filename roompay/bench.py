@@ -1,0 +1,126 @@
+"""`roompay bench`: performance figures, measured on this machine, printed as tables.
+
+`journey` measures what a guest feels in the demo setup (SQLite, the embedded
+broker, the sandbox, a simulated appliance, all in one process): the time from the
+sandbox payment to the server committing the paid order, and to the appliance
+reporting that it started.
+"""
+
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from roompay.demo import DemoOptions, build_demo_runtime, start_agents
+from roompay.runtime import Runtime
+from roompay.services.orders import order_timeline
+from roompay.services.seed import ensure_demo
+from roompay.store.db import transaction
+from roompay.web.app import create_app
+
+
+@dataclass(frozen=True)
+class JourneyFigures:
+    """Latency figures of repeated scan-to-run journeys, in milliseconds."""
+
+    count: int
+    pay_to_paid_ms_p50: float
+    pay_to_started_ms_p50: float
+    pay_to_started_ms_p90: float
+    pay_to_started_ms_max: float
+    checkout_ms_p50: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_status(
+    http: httpx.Client, order_id: str, statuses: set[str], timeout_s: float
+) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body: dict[str, object] = http.get(f"/api/v1/orders/{order_id}").json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.005)
+    raise TimeoutError(f"order {order_id} did not reach {statuses}")
+
+
+def run_journeys(count: int) -> JourneyFigures:
+    """Run `count` journeys against a fresh in-process demo and measure them."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="roompay-bench-") as tmp:
+        options = DemoOptions("127.0.0.1", port, Path(tmp), 4, "bench", 100_000.0)
+        runtime = build_demo_runtime(options)
+        runtime.start()
+        with transaction(runtime.ctx.sessions) as session:
+            codes = ensure_demo(session, 4).device_codes
+        agents = start_agents(runtime, codes[:1], options.time_scale)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(runtime, manage_runtime=False),
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        try:
+            return _measure(runtime, f"http://127.0.0.1:{port}", codes[0], count)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            for agent in agents:
+                agent.stop()
+            runtime.stop()
+
+
+def _measure(runtime: Runtime, base: str, device: str, count: int) -> JourneyFigures:
+    to_paid, to_started, checkouts = [], [], []
+    with httpx.Client(base_url=base, timeout=10) as http:
+        for index in range(count):
+            wallet = "wechat" if index % 2 == 0 else "alipay"
+            t0 = time.perf_counter()
+            order = http.post(
+                "/api/v1/checkout", json={"device": device, "program": "dry30", "wallet": wallet}
+            ).json()
+            checkouts.append((time.perf_counter() - t0) * 1000)
+            paid_at_wall = datetime.now().astimezone()
+            http.post("/sandbox/pay", json={"qr": order["qr"]}).raise_for_status()
+            done = _wait_status(http, order["order_id"], {"completed"}, 30)
+            started = datetime.fromisoformat(str(done["started_at"]))
+            to_started.append((started - paid_at_wall).total_seconds() * 1000)
+            with runtime.ctx.sessions() as session:
+                paid = next(
+                    e.at for e in order_timeline(session, order["order_id"]) if e.event == "paid"
+                )
+            to_paid.append((paid - paid_at_wall).total_seconds() * 1000)
+    ordered = sorted(to_started)
+    return JourneyFigures(
+        count=count,
+        pay_to_paid_ms_p50=round(statistics.median(to_paid), 1),
+        pay_to_started_ms_p50=round(statistics.median(to_started), 1),
+        pay_to_started_ms_p90=round(ordered[max(0, int(len(ordered) * 0.9) - 1)], 1),
+        pay_to_started_ms_max=round(ordered[-1], 1),
+        checkout_ms_p50=round(statistics.median(checkouts), 1),
+    )
+
+
+def write_json(figures: JourneyFigures, path: Path) -> None:
+    """Write figures as JSON."""
+    path.write_text(json.dumps(asdict(figures), indent=2))

@@ -1,0 +1,168 @@
+"""The order state machine: the exact table of moves and its invariants under random moves."""
+
+import itertools
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from roompay.domain.errors import InvalidTransitionError
+from roompay.domain.orders import TERMINAL, OrderStatus, can_move, is_paid_state, move
+
+S = OrderStatus
+
+ALLOWED_MOVES: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
+    {
+        (S.AWAITING_PAYMENT, S.PAID),
+        (S.AWAITING_PAYMENT, S.EXPIRED),
+        (S.EXPIRED, S.PAID),  # a payment that lands after expiry is still money received
+        (S.PAID, S.RUNNING),
+        (S.PAID, S.REFUNDED),
+        (S.RUNNING, S.COMPLETED),
+        (S.RUNNING, S.PARTIALLY_REFUNDED),
+        (S.RUNNING, S.REFUNDED),
+    }
+)
+
+UNPAID: frozenset[OrderStatus] = frozenset({S.AWAITING_PAYMENT, S.EXPIRED})
+
+# How far along its life an order is; a move never lowers it.
+RANK: dict[OrderStatus, int] = {
+    S.AWAITING_PAYMENT: 0,
+    S.EXPIRED: 0,
+    S.PAID: 1,
+    S.RUNNING: 2,
+    S.COMPLETED: 3,
+    S.REFUNDED: 3,
+    S.PARTIALLY_REFUNDED: 3,
+}
+
+EVERY_PAIR = list(itertools.product(OrderStatus, OrderStatus))
+
+
+def test_the_statuses_and_their_values_are_exactly_these() -> None:
+    assert [(s.name, s.value) for s in OrderStatus] == [
+        ("AWAITING_PAYMENT", "awaiting_payment"),
+        ("PAID", "paid"),
+        ("RUNNING", "running"),
+        ("COMPLETED", "completed"),
+        ("EXPIRED", "expired"),
+        ("REFUNDED", "refunded"),
+        ("PARTIALLY_REFUNDED", "partially_refunded"),
+    ]
+
+
+def test_can_move_allows_exactly_the_table_of_moves() -> None:
+    allowed = {(current, target) for current, target in EVERY_PAIR if can_move(current, target)}
+
+    assert allowed == ALLOWED_MOVES
+
+
+def test_terminal_states_are_completed_and_the_two_refunds() -> None:
+    assert frozenset({S.COMPLETED, S.REFUNDED, S.PARTIALLY_REFUNDED}) == TERMINAL
+
+
+@pytest.mark.parametrize("status", list(OrderStatus))
+def test_no_status_may_move_to_itself(status: OrderStatus) -> None:
+    assert can_move(status, status) is False
+
+
+@pytest.mark.parametrize(
+    ("status", "paid"),
+    [
+        (S.AWAITING_PAYMENT, False),
+        (S.EXPIRED, False),
+        (S.PAID, True),
+        (S.RUNNING, True),
+        (S.COMPLETED, True),
+        (S.REFUNDED, True),
+        (S.PARTIALLY_REFUNDED, True),
+    ],
+)
+def test_is_paid_state_tells_whether_money_was_received(status: OrderStatus, paid: bool) -> None:
+    assert is_paid_state(status) is paid
+
+
+@pytest.mark.parametrize(("current", "target"), sorted(ALLOWED_MOVES))
+def test_move_when_allowed_returns_the_target(current: OrderStatus, target: OrderStatus) -> None:
+    assert move(current, target) is target
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [pair for pair in EVERY_PAIR if pair not in ALLOWED_MOVES],
+)
+def test_move_when_forbidden_raises_naming_both_states(
+    current: OrderStatus, target: OrderStatus
+) -> None:
+    with pytest.raises(
+        InvalidTransitionError,
+        match=f"^order cannot move from {current.value} to {target.value}$",
+    ):
+        move(current, target)
+
+
+def test_a_paid_order_cannot_go_back_to_awaiting_payment() -> None:
+    with pytest.raises(
+        InvalidTransitionError, match="^order cannot move from paid to awaiting_payment$"
+    ):
+        move(S.PAID, S.AWAITING_PAYMENT)
+
+
+class OrderLifecycle(RuleBasedStateMachine):
+    """One order pushed towards random statuses, through `move` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = S.AWAITING_PAYMENT
+        self.history: list[OrderStatus] = []
+
+    @initialize(start=st.sampled_from(OrderStatus))
+    def start_somewhere(self, start: OrderStatus) -> None:
+        # Given an order in any status
+        self.status = start
+        self.history = [start]
+
+    @rule(target=st.sampled_from(OrderStatus))
+    def try_to_move(self, target: OrderStatus) -> None:
+        before = self.status
+        # When it is asked to move to a random status
+        try:
+            after = move(before, target)
+        except InvalidTransitionError:
+            # Then a refused move is one the table forbids, and the order stays as it was
+            assert (before, target) not in ALLOWED_MOVES
+            assert self.status is before
+            return
+        # Then an accepted move is in the table and lands exactly on the target
+        assert (before, target) in ALLOWED_MOVES
+        assert after is target
+        assert before not in TERMINAL
+        self.status = after
+        self.history.append(after)
+
+    @invariant()
+    def terminal_states_never_move(self) -> None:
+        first_terminal = next((i for i, s in enumerate(self.history) if s in TERMINAL), None)
+        if first_terminal is not None:
+            assert self.history[first_terminal:] == [self.history[first_terminal]]
+
+    @invariant()
+    def once_paid_never_unpaid_again(self) -> None:
+        first_paid = next((i for i, s in enumerate(self.history) if is_paid_state(s)), None)
+        if first_paid is not None:
+            assert all(s not in UNPAID for s in self.history[first_paid:])
+            assert is_paid_state(self.status)
+
+    @invariant()
+    def moves_only_go_forward(self) -> None:
+        for before, after in itertools.pairwise(self.history):
+            # Awaiting payment -> expired is the only move that keeps the rank
+            assert RANK[after] > RANK[before] or (before, after) == (S.AWAITING_PAYMENT, S.EXPIRED)
+
+    @invariant()
+    def the_status_is_the_last_one_reached(self) -> None:
+        assert self.history == [] or self.status is self.history[-1]
+
+
+TestOrderLifecycle = OrderLifecycle.TestCase

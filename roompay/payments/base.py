@@ -8,7 +8,7 @@ the package knows a wire format.
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -65,6 +65,71 @@ class PaymentNotification:
 
 
 @dataclass(frozen=True, slots=True)
+class TradeSnapshot:
+    """What the provider says about a trade when asked (active query)."""
+
+    out_trade_no: str
+    state: TradeState
+    amount_fen: Fen | None
+    provider_trade_no: str | None
+    paid_at: datetime | None
+
+
+class RefundState(StrEnum):
+    """A refund's state at the provider, in our words."""
+
+    PROCESSING = "processing"  # accepted; the money is on its way
+    SUCCESS = "success"  # the guest has the money back
+    ABNORMAL = "abnormal"  # the provider could not pay it back: a person must look
+    NOT_FOUND = "not_found"  # the provider has no refund under this key
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRequest:
+    """A refund to ask for; `refund_key` is reused on every retry of the same refund."""
+
+    out_trade_no: str
+    refund_key: str
+    amount_fen: Fen
+    total_fen: Fen
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundOutcome:
+    """The provider's answer about one refund."""
+
+    refund_key: str
+    state: RefundState
+    amount_fen: Fen
+    provider_refund_id: str | None
+
+
+class BillEntryKind(StrEnum):
+    """A line of a provider's daily bill."""
+
+    PAYMENT = "payment"
+    REFUND = "refund"
+
+
+@dataclass(frozen=True, slots=True)
+class BillEntry:
+    """One payment or refund as the provider's daily bill states it.
+
+    Amounts are positive fen for both kinds; `fee_fen` is the provider's fee on the
+    line (negative on a refund line, when the provider gives the fee back).
+    """
+
+    kind: BillEntryKind
+    out_trade_no: str
+    provider_trade_no: str
+    refund_key: str | None
+    amount_fen: Fen
+    fee_fen: Fen
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyReply:
     """What to answer the provider after handling a notification."""
 
@@ -94,6 +159,31 @@ class PaymentProvider(Protocol):
 
     def reply_fail(self, reason: str) -> NotifyReply:
         """The reply that makes the provider send the notification again later."""
+        ...
+
+    def query_trade(self, out_trade_no: str) -> TradeSnapshot:
+        """Ask the provider for a trade's state (NOT_FOUND if it never saw it)."""
+        ...
+
+    def close_trade(self, out_trade_no: str) -> None:
+        """Close an unpaid trade so it can no longer be paid.
+
+        Idempotent: a trade already closed, or one the provider never saw (an Alipay
+        precreate QR nobody scanned), is not an error. A trade that is already paid
+        raises `TradeAlreadyPaidError`.
+        """
+        ...
+
+    def refund(self, request: RefundRequest) -> RefundOutcome:
+        """Ask for a refund; repeating the same `refund_key` never pays twice."""
+        ...
+
+    def query_refund(self, out_trade_no: str, refund_key: str) -> RefundOutcome:
+        """Ask the provider where a refund stands."""
+        ...
+
+    def fetch_bill(self, bill_date: date) -> list[BillEntry]:
+        """Download and parse the provider's bill of payments and refunds for one day."""
         ...
 
     def close(self) -> None:

@@ -26,6 +26,10 @@ class ProviderRejectedError(PaymentError):
         self.status = status
 
 
+class TradeAlreadyPaidError(ProviderRejectedError):
+    """The trade cannot be closed: the guest has already paid it."""
+
+
 class ProviderSignatureError(PaymentError):
     """A response from the provider carried a missing or invalid signature."""
 

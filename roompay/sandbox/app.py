@@ -6,6 +6,7 @@ their real paths, `/sandbox/pay` is the guest scanning and paying.
 """
 
 from pathlib import Path
+from typing import Literal
 
 import httpx
 from fastapi import APIRouter, FastAPI
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from roompay.clock import Clock, SystemClock
 from roompay.sandbox.alipay import AlipayEmulator
+from roompay.sandbox.faults import Faults, FaultKind, RefundMode
 from roompay.sandbox.notifier import Notifier
 from roompay.sandbox.wechatpay import WechatPayEmulator
 
@@ -26,6 +28,26 @@ class PayIn(BaseModel):
     qr: str = Field(min_length=1, max_length=512)
     # Fault injection: the provider's signed notify claims this amount instead of the order's.
     notify_amount_fen: int | None = Field(default=None, gt=0)
+
+
+class FaultIn(BaseModel):
+    """Arm a provider error for the next `count` calls of one operation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["wechatpay", "alipay"]
+    operation: str = Field(min_length=1, max_length=64)
+    kind: FaultKind
+    count: int = Field(default=1, ge=1, le=1000)
+
+
+class RefundModeIn(BaseModel):
+    """Choose how a provider's refunds end from now on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["wechatpay", "alipay"]
+    mode: RefundMode
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -45,8 +67,9 @@ class Sandbox:
         state_dir.mkdir(parents=True, exist_ok=True)
         clock = clock or SystemClock()
         self.notifier = Notifier(time_scale=time_scale, transport=notify_transport)
-        self.wechatpay = WechatPayEmulator(state_dir, clock, self.notifier)
-        self.alipay = AlipayEmulator(state_dir, clock, self.notifier)
+        self.faults = Faults()
+        self.wechatpay = WechatPayEmulator(state_dir, clock, self.notifier, self.faults)
+        self.alipay = AlipayEmulator(state_dir, clock, self.notifier, self.faults)
 
     def router(self) -> APIRouter:
         """All sandbox routes under `/sandbox`."""
@@ -54,7 +77,22 @@ class Sandbox:
         router.include_router(self.wechatpay.router(), prefix="/wechatpay")
         router.include_router(self.alipay.router(), prefix="/alipay")
         router.add_api_route("/pay", self._pay, methods=["POST"])
+        router.add_api_route("/faults", self._arm_fault, methods=["POST"], status_code=204)
+        router.add_api_route("/refund-mode", self._refund_mode, methods=["POST"], status_code=204)
+        router.add_api_route("/faults", self._clear_faults, methods=["DELETE"], status_code=204)
         return router
+
+    async def _arm_fault(self, body: FaultIn) -> None:
+        """Make the provider fail the next calls of one operation."""
+        self.faults.arm(body.provider, body.operation, body.kind, body.count)
+
+    async def _refund_mode(self, body: RefundModeIn) -> None:
+        """Choose how the provider's refunds end."""
+        self.faults.refund_mode[body.provider] = body.mode
+
+    async def _clear_faults(self) -> None:
+        """Back to a healthy provider."""
+        self.faults.clear()
 
     async def _pay(self, body: PayIn) -> JSONResponse:
         """The guest scans the QR code with the matching app and pays."""

@@ -44,7 +44,13 @@ def test_yuan_str_writes_exactly_two_decimals(amount_fen: int, expected: str) ->
 
 @pytest.mark.parametrize(
     ("value", "shown"),
-    [(3.05, "3.05"), (3.0, "3.0"), (True, "True"), (False, "False"), (Decimal("3"), "Decimal('3')")],
+    [
+        (3.05, "3.05"),
+        (3.0, "3.0"),
+        (True, "True"),
+        (False, "False"),
+        (Decimal("3"), "Decimal('3')"),
+    ],
 )
 def test_yuan_str_given_a_float_bool_or_decimal_refuses_it(value: object, shown: str) -> None:
     with pytest.raises(
@@ -86,12 +92,11 @@ def test_parse_yuan_given_fractions_of_a_fen_refuses_them(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["abc", "", "   ", "NaN", "sNaN", "Infinity", "-Infinity", "inf", "3,05", "¥3.05", "3.05元"]
+    "text",
+    ["abc", "", "   ", "NaN", "sNaN", "Infinity", "-Infinity", "inf", "3,05", "¥3.05", "3.05元"],
 )
 def test_parse_yuan_given_garbage_refuses_it(text: str) -> None:
-    with pytest.raises(
-        InvalidAmountError, match=f"^{re.escape(f'not a yuan amount: {text!r}')}$"
-    ):
+    with pytest.raises(InvalidAmountError, match=f"^{re.escape(f'not a yuan amount: {text!r}')}$"):
         parse_yuan(text)
 
 
@@ -112,7 +117,7 @@ def test_parse_yuan_given_a_nonzero_third_decimal_refuses_it(
 ) -> None:
     text = f"{yuan_str(amount_fen)}{third_decimal}"
 
-    with pytest.raises(InvalidAmountError, match="^yuan amount has fractions of a fen: "):
+    with pytest.raises(InvalidAmountError, match=r"^yuan amount has fractions of a fen: "):
         parse_yuan(text)
 
 
@@ -136,7 +141,7 @@ def test_format_cny_prefixes_the_yuan_sign(amount_fen: int, expected: str) -> No
 
 def test_format_cny_given_a_float_refuses_it() -> None:
     with pytest.raises(
-        InvalidAmountError, match="^amount must be an integer number of fen, got 3.05$"
+        InvalidAmountError, match=r"^amount must be an integer number of fen, got 3\.05$"
     ):
         format_cny(3.05)  # type: ignore[arg-type]
 

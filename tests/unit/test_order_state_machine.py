@@ -104,7 +104,7 @@ def test_move_when_forbidden_raises_naming_both_states(
 
 def test_a_paid_order_cannot_go_back_to_awaiting_payment() -> None:
     with pytest.raises(
-        InvalidTransitionError, match="^order cannot move from paid to awaiting_payment$"
+        InvalidTransitionError, match=r"^order cannot move from paid to awaiting_payment$"
     ):
         move(S.PAID, S.AWAITING_PAYMENT)
 
@@ -123,20 +123,20 @@ class OrderLifecycle(RuleBasedStateMachine):
         self.status = start
         self.history = [start]
 
-    @rule(target=st.sampled_from(OrderStatus))
-    def try_to_move(self, target: OrderStatus) -> None:
+    @rule(wanted=st.sampled_from(OrderStatus))
+    def try_to_move(self, wanted: OrderStatus) -> None:
         before = self.status
         # When it is asked to move to a random status
         try:
-            after = move(before, target)
+            after = move(before, wanted)
         except InvalidTransitionError:
             # Then a refused move is one the table forbids, and the order stays as it was
-            assert (before, target) not in ALLOWED_MOVES
+            assert (before, wanted) not in ALLOWED_MOVES
             assert self.status is before
             return
-        # Then an accepted move is in the table and lands exactly on the target
-        assert (before, target) in ALLOWED_MOVES
-        assert after is target
+        # Then an accepted move is in the table and lands exactly on the wanted status
+        assert (before, wanted) in ALLOWED_MOVES
+        assert after is wanted
         assert before not in TERMINAL
         self.status = after
         self.history.append(after)

@@ -21,8 +21,8 @@ import uvicorn
 
 from roompay.demo import DemoOptions, build_demo_runtime, start_agents
 from roompay.runtime import Runtime
-from roompay.services.orders import order_timeline
 from roompay.services.seed import ensure_demo
+from roompay.services.timeline import order_timeline
 from roompay.store.db import transaction
 from roompay.web.app import create_app
 

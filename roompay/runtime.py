@@ -17,13 +17,16 @@ from roompay.payments.base import PaymentProvider
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
 from roompay.protocol.topics import ParsedTopic, Topics
 from roompay.services.context import ServiceContext
-from roompay.services.devices import handle_device_message
-from roompay.services.dispatch import DispatcherThread
+from roompay.services.devices import handle_device_message, mark_silent_devices_offline
+from roompay.services.dispatch import dispatch_due
+from roompay.services.expiry import sweep_unpaid
 from roompay.services.metrics import Metrics
 from roompay.services.orders import count_by_status
+from roompay.services.refunds import process_due_refunds
 from roompay.settings import Settings
 from roompay.store.db import make_engine, session_factory
 from roompay.store.models import Device
+from roompay.workers import PeriodicWorker
 
 if TYPE_CHECKING:
     from roompay.sandbox.app import Sandbox
@@ -44,7 +47,7 @@ class Runtime:
     engine: Engine = field(init=False)
     ctx: ServiceContext = field(init=False)
     link: MqttLink | None = field(init=False, default=None)
-    dispatcher: DispatcherThread | None = field(init=False, default=None)
+    workers: list[PeriodicWorker] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.engine = make_engine(self.settings.resolved_database_url)
@@ -83,15 +86,26 @@ class Runtime:
             endpoint, self.topics, f"roompay-server-{self.ids.token(4)}", self._on_message
         )
         self.link.start(timeout_s=10)
-        self.dispatcher = DispatcherThread(self.ctx, self.link)
-        self.ctx.on_commands_queued = self.dispatcher.wake
-        self.dispatcher.start()
+        self._start_workers(self.link)
         log.info("server runtime started", extra={"mqtt": f"{endpoint.host}:{endpoint.port}"})
 
+    def _start_workers(self, link: MqttLink) -> None:
+        ctx = self.ctx
+        interval = self.settings.maintenance_interval_s
+        dispatcher = PeriodicWorker("dispatcher", lambda: dispatch_due(ctx, link), 0.5)
+        refunds = PeriodicWorker("refunds", lambda: process_due_refunds(ctx), interval)
+        checkouts = PeriodicWorker("checkouts", lambda: sweep_unpaid(ctx), interval)
+        presence = PeriodicWorker("presence", lambda: mark_silent_devices_offline(ctx), 10.0)
+        ctx.on_commands_queued = dispatcher.wake
+        ctx.on_refunds_queued = refunds.wake
+        self.workers = [dispatcher, refunds, checkouts, presence]
+        for worker in self.workers:
+            worker.start()
+
     def stop(self) -> None:
-        """Stop dispatching, disconnect, stop the embedded broker, close the database."""
-        if self.dispatcher is not None:
-            self.dispatcher.stop()
+        """Stop the workers, disconnect, stop the embedded broker, close the database."""
+        for worker in self.workers:
+            worker.stop()
         if self.link is not None:
             self.link.stop()
         if self.broker is not None:

@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,11 +35,20 @@ class Settings(BaseSettings):
     secret_key: str = DEFAULT_SECRET
     token_ttl_s: int = Field(default=8 * 3600, gt=0)
 
-    checkout_ttl_s: int = Field(default=300, ge=60, le=7200)
+    checkout_ttl_s: int = Field(default=300, ge=1, le=7200)
     start_deadline_s: int = Field(default=60, ge=5, le=3600)
     command_resend_s: float = Field(default=5.0, gt=0)
     require_device_online: bool = True
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # A payment that arrives after the checkout expired: refund it, or run the
+    # appliance if it is still online and idle.
+    late_payment_policy: Literal["refund", "honour_if_free"] = "refund"
+    query_after_s: float = Field(default=3.0, ge=0)
+    query_interval_s: float = Field(default=5.0, gt=0)
+    refund_max_attempts: int = Field(default=20, ge=1)
+    full_refund_below_s: int = Field(default=60, ge=0)
+    device_stale_after_s: float = Field(default=95.0, gt=0)
+    maintenance_interval_s: float = Field(default=1.0, gt=0)
 
     sandbox_enabled: bool = False
     sandbox_time_scale: float = Field(default=1.0, gt=0)

@@ -6,13 +6,16 @@ here are exact, through integers and `Decimal`, and reject anything that is not
 a whole number of fen.
 """
 
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 
 from roompay.domain.errors import InvalidAmountError
 
 Fen = int
 
 MAX_ORDER_FEN: Fen = 100_000_00  # 100,000 yuan: far above any appliance program
+
+# Enough digits for any amount a string can carry, and an error rather than rounding.
+_EXACT = Context(prec=1000, traps=[Inexact, InvalidOperation])
 
 
 def yuan_str(amount_fen: Fen) -> str:
@@ -33,8 +36,11 @@ def parse_yuan(text: str) -> Fen:
         raise InvalidAmountError(f"not a yuan amount: {text!r}") from exc
     if not value.is_finite():
         raise InvalidAmountError(f"not a yuan amount: {text!r}")
-    fen = value * 100
-    if fen != fen.to_integral_value():
+    try:
+        fen = value.scaleb(2, _EXACT)  # exact at any size: a wide context that traps rounding
+    except ArithmeticError as exc:
+        raise InvalidAmountError(f"yuan amount too long: {text[:40]!r}") from exc
+    if fen != fen.to_integral_value(context=_EXACT):
         raise InvalidAmountError(f"yuan amount has fractions of a fen: {text!r}")
     return int(fen)
 

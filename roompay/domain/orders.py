@@ -27,11 +27,10 @@ _NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
     # A payment that lands after expiry is still money received: it must end ran-or-refunded.
     OrderStatus.EXPIRED: frozenset({OrderStatus.PAID}),
     OrderStatus.PAID: frozenset({OrderStatus.RUNNING, OrderStatus.REFUNDED}),
-    OrderStatus.RUNNING: frozenset(
-        {OrderStatus.COMPLETED, OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}
-    ),
-    OrderStatus.COMPLETED: frozenset(),
-    OrderStatus.PARTIALLY_REFUNDED: frozenset(),
+    # A run always ends as completed; refunds for an early end follow from there.
+    OrderStatus.RUNNING: frozenset({OrderStatus.COMPLETED}),
+    OrderStatus.COMPLETED: frozenset({OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}),
+    OrderStatus.PARTIALLY_REFUNDED: frozenset({OrderStatus.REFUNDED}),
     OrderStatus.REFUNDED: frozenset(),
 }
 
@@ -48,6 +47,19 @@ def move(current: OrderStatus, target: OrderStatus) -> OrderStatus:
     if not can_move(current, target):
         raise InvalidTransitionError(f"order cannot move from {current} to {target}")
     return target
+
+
+def status_after_refunds(current: OrderStatus, amount_fen: int, refunded_fen: int) -> OrderStatus:
+    """The status an order shows once `refunded_fen` of its `amount_fen` went back.
+
+    All of it back: refunded. Part of it back after the run: partially refunded.
+    Otherwise the status does not change (a running order settles when it ends).
+    """
+    if refunded_fen >= amount_fen and can_move(current, OrderStatus.REFUNDED):
+        return OrderStatus.REFUNDED
+    if 0 < refunded_fen < amount_fen and can_move(current, OrderStatus.PARTIALLY_REFUNDED):
+        return OrderStatus.PARTIALLY_REFUNDED
+    return current
 
 
 def is_paid_state(status: OrderStatus) -> bool:

@@ -11,13 +11,15 @@ guest scans the QR (query and close answer ACQ.TRADE_NOT_EXIST), and its
 `timeout_express` counts from the scan.
 """
 
+import asyncio
+import dataclasses
 import json
 import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
@@ -40,16 +42,23 @@ from roompay.payments.alipay.client import (
 from roompay.payments.alipay.constants import (
     API_VERSION,
     BEIJING,
+    BILL_TYPE_TRADE,
     CHARSET_UTF8,
     CODE_MESSAGES,
     ERROR_RESPONSE_KEY,
     FORMAT_JSON,
+    FUND_CHANGE_NO,
+    FUND_CHANGE_YES,
+    MAX_OUT_REQUEST_NO_LEN,
     MAX_OUT_TRADE_NO_LEN,
+    MAX_REFUND_REASON_LEN,
     MAX_SUBJECT_LEN,
     MAX_TIMEOUT_MINUTES,
     NOTIFY_REPLY_OK,
     NOTIFY_TYPE_TRADE_STATUS_SYNC,
+    REFUND_STATUS_SUCCESS,
     SIGN_TYPE_RSA2,
+    BillBusinessType,
     Code,
     Method,
     SubCode,
@@ -66,6 +75,8 @@ from roompay.payments.crypto import (
     sign_b64,
     verify_b64,
 )
+from roompay.sandbox.alipay_bill import BillLine, bill_zip, service_fee
+from roompay.sandbox.faults import FaultKind, Faults, RefundMode
 from roompay.sandbox.notifier import ALIPAY_RETRY_DELAYS_S, Notification, Notifier
 
 STATE_FILE = "alipay.json"
@@ -77,9 +88,13 @@ QR_LIFETIME = timedelta(hours=2)
 DEFAULT_TIMEOUT_EXPRESS = "15d"
 MIN_TOTAL_FEN: Fen = 1
 MAX_TOTAL_FEN: Fen = 100_000_000 * 100
+# The bill download link is valid for 30 s, as Alipay's.
+BILL_LINK_LIFETIME = timedelta(seconds=30)
+PROVIDER = "alipay"  # the name faults are armed under
 NOTIFY_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 RESPONSE_MEDIA_TYPE = "application/json;charset=utf-8"
 
+_BARE_500 = "<html><body><h1>500 Internal Server Error</h1></body></html>"
 _TIMEOUT_EXPRESS = re.compile(r"(?P<count>[1-9][0-9]*)(?P<unit>[mhd])|1c")
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 24 * 60}
@@ -177,6 +192,62 @@ class TradeRefBiz(_Biz):
         return self
 
 
+def _yuan_fen(text: str, name: str) -> Fen:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]{1,2})?", text):
+        raise ValueError(f"{name} {text!r} is not yuan with 2 decimals")
+    try:
+        return parse_yuan(text)
+    except InvalidAmountError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+class RefundBiz(TradeRefBiz):
+    """The `biz_content` of `alipay.trade.refund`; `out_request_no` defaults to out_trade_no."""
+
+    refund_amount: Annotated[str, BeforeValidator(_amount_text)]
+    out_request_no: str | None = Field(default=None, max_length=MAX_OUT_REQUEST_NO_LEN)
+    refund_reason: str | None = Field(default=None, max_length=MAX_REFUND_REASON_LEN)
+
+    @model_validator(mode="after")
+    def _check_amount(self) -> Self:
+        if not MIN_TOTAL_FEN <= self.amount_fen <= MAX_TOTAL_FEN:
+            raise ValueError(f"refund_amount {self.refund_amount} is outside [0.01, 100000000]")
+        return self
+
+    @property
+    def amount_fen(self) -> Fen:
+        """The refund amount in fen."""
+        return _yuan_fen(self.refund_amount, "refund_amount")
+
+
+class RefundQueryBiz(TradeRefBiz):
+    """The `biz_content` of `alipay.trade.fastpay.refund.query`."""
+
+    out_request_no: str = Field(min_length=1, max_length=MAX_OUT_REQUEST_NO_LEN)
+    query_options: list[str] = Field(default_factory=list)
+
+
+class BillBiz(_Biz):
+    """The `biz_content` of `alipay.data.dataservice.bill.downloadurl.query`."""
+
+    bill_type: str
+    bill_date: str
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.bill_type != BILL_TYPE_TRADE:
+            raise ValueError(f"bill_type {self.bill_type!r}: only trade bills are emulated")
+        self.day  # noqa: B018 - raises ValueError unless the date is yyyy-MM-dd
+        return self
+
+    @property
+    def day(self) -> date:
+        """The bill's day (daily bills only; monthly ones are not emulated)."""
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", self.bill_date):
+            raise ValueError(f"bill_date {self.bill_date!r} is not yyyy-MM-dd")
+        return date.fromisoformat(self.bill_date)
+
+
 def timeout_minutes(express: str) -> int | None:
     """Parse `timeout_express` ("90m", "2h", "15d") into minutes; None for "1c" (today)."""
     match = _TIMEOUT_EXPRESS.fullmatch(express)
@@ -232,6 +303,41 @@ class _Trade:
     scanned_at: datetime | None = None
     paid_at: datetime | None = None
     closed_reason: str = ""
+    refunds: dict[str, "_Refund"] = field(default_factory=dict)  # by out_request_no
+
+    @property
+    def refunded_fen(self) -> Fen:
+        """Everything refunded so far."""
+        return sum(refund.amount_fen for refund in self.refunds.values())
+
+
+@dataclass(slots=True)
+class _Refund:
+    out_request_no: str
+    amount_fen: Fen
+    reason: str
+    refunded_at: datetime
+    fee_back_fen: Fen  # the part of the payment's fee this refund gives back
+    hidden_queries: int = 0  # refund queries still to answer "no refund data" (PROCESSING)
+
+
+@dataclass(frozen=True, slots=True)
+class _BillFile:
+    name: str
+    content: bytes
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayReply:
+    """The gateway's answer: a response object to sign, or (`body` None) a bare HTTP 500.
+
+    `delay_s` makes the answer late (fault injection: the call was carried out).
+    """
+
+    key: str
+    body: dict[str, Any] | None
+    delay_s: float = 0.0
 
 
 _MethodHandler = Callable[[_MerchantRecord, dict[str, Any], Mapping[str, str]], dict[str, Any]]
@@ -240,10 +346,14 @@ _MethodHandler = Callable[[_MerchantRecord, dict[str, Any], Mapping[str, str]], 
 class AlipayEmulator:
     """Alipay's gateway, notify sender and the guest's scan-and-pay, with persisted keys."""
 
-    def __init__(self, state_dir: Path, clock: Clock, notifier: Notifier) -> None:
+    def __init__(
+        self, state_dir: Path, clock: Clock, notifier: Notifier, faults: Faults | None = None
+    ) -> None:
         self._path = state_dir / STATE_FILE
         self._clock = clock
         self._notifier = notifier
+        self._faults = faults if faults is not None else Faults()
+        self._bills: dict[str, _BillFile] = {}
         self._merchants: dict[str, _MerchantRecord] = {}
         self._merchant_keys: dict[str, rsa.RSAPublicKey] = {}
         self._trades: dict[tuple[str, str], _Trade] = {}
@@ -309,13 +419,16 @@ class AlipayEmulator:
     # --- HTTP ----------------------------------------------------------------
 
     def router(self) -> APIRouter:
-        """Routes relative to the emulator's base: `/merchants` and `/gateway.do`."""
+        """Routes relative to the emulator's base: `/merchants`, `/gateway.do`, `/bill/{token}`."""
         router = APIRouter()
         router.add_api_route(
             "/merchants", self._merchants_route, methods=["POST"], include_in_schema=False
         )
         router.add_api_route(
             "/gateway.do", self._gateway_route, methods=["GET", "POST"], include_in_schema=False
+        )
+        router.add_api_route(
+            "/bill/{token}", self._bill_route, methods=["GET"], include_in_schema=False
         )
         return router
 
@@ -331,15 +444,28 @@ class AlipayEmulator:
         return JSONResponse(created, 201)
 
     async def _gateway_route(self, request: Request) -> Response:
-        method = request.query_params.get("method", "")
         try:
             params = await _merged_params(request)
-            method = params.get("method", "")
-            body = self.handle(params)
         except GatewayError as exc:
-            key = ERROR_RESPONSE_KEY if exc.gateway_level else response_key(method)
-            return self._signed_response(key, exc.body())
-        return self._signed_response(response_key(method), body)
+            return self._signed_response(ERROR_RESPONSE_KEY, exc.body())
+        # The bill link points next to the gateway, wherever the emulator is mounted.
+        base_url = str(request.url.replace(query="")).rsplit("/", 1)[0]
+        reply = self.handle(params, base_url)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.body is None:
+            return Response(_BARE_500, 500, media_type="text/html")
+        return self._signed_response(reply.key, reply.body)
+
+    async def _bill_route(self, token: str) -> Response:
+        bill = self._bills.get(token)
+        if bill is None or self._clock.now() > bill.expires_at:
+            return Response("the bill link is unknown or has expired", 404)
+        return Response(
+            bill.content,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{bill.name}"'},
+        )
 
     def _signed_response(self, key: str, body: Mapping[str, object]) -> Response:
         # Sign the inner text first, then splice it in, so the signed bytes are
@@ -351,24 +477,49 @@ class AlipayEmulator:
 
     # --- gateway -------------------------------------------------------------
 
-    def handle(self, params: Mapping[str, str]) -> dict[str, Any]:
-        """Authenticate one gateway call and run its method; raise GatewayError."""
-        merchant = self._authenticate(params)
+    def handle(self, params: Mapping[str, str], base_url: str = "") -> GatewayReply:
+        """Authenticate one gateway call, take its armed fault and run its method.
+
+        `base_url` is where the emulator is mounted (for the bill download link).
+        Faults are taken only by authentic calls of an emulated method: SYSTEM_ERROR
+        answers 20000 isp.unknow-error and does nothing, HTTP_500 answers a bare 500
+        and does nothing, SLOW does the work and answers `slow_s` late.
+        """
+        method = params.get("method", "")
         handlers: dict[str, _MethodHandler] = {
             Method.PRECREATE: self._precreate,
             Method.QUERY: self._query,
             Method.CLOSE: self._close,
+            Method.REFUND: self._refund,
+            Method.REFUND_QUERY: self._refund_query,
+            Method.BILL_DOWNLOAD_URL: lambda merchant, raw, _: self._bill_download_url(
+                merchant, raw, base_url
+            ),
         }
-        handler = handlers.get(params["method"])
-        if handler is None:
-            raise GatewayError(
-                Code.BUSINESS_FAILED,
-                SubCode.INVALID_METHOD,
-                f"method {params['method']!r} does not exist or is not emulated; "
-                f"supported: {', '.join(sorted(handlers))}",
-                gateway_level=True,
-            )
-        return handler(merchant, _biz_content(params), params)
+        delay_s = 0.0
+        try:
+            merchant = self._authenticate(params)
+            handler = handlers.get(method)
+            if handler is None:
+                raise GatewayError(
+                    Code.BUSINESS_FAILED,
+                    SubCode.INVALID_METHOD,
+                    f"method {method!r} does not exist or is not emulated; "
+                    f"supported: {', '.join(sorted(handlers))}",
+                    gateway_level=True,
+                )
+            fault = self._faults.take(PROVIDER, method)
+            if fault is FaultKind.HTTP_500:
+                return GatewayReply(response_key(method), None)
+            if fault is FaultKind.SYSTEM_ERROR:
+                raise GatewayError(Code.UNKNOWN_ERROR, SubCode.UNKNOWN_ERROR, "系统繁忙")
+            if fault is FaultKind.SLOW:
+                delay_s = self._faults.slow_s
+            body = handler(merchant, _biz_content(params), params)
+        except GatewayError as exc:
+            key = ERROR_RESPONSE_KEY if exc.gateway_level else response_key(method)
+            return GatewayReply(key, exc.body(), delay_s)
+        return GatewayReply(response_key(method), body, delay_s)
 
     def _authenticate(self, params: Mapping[str, str]) -> _MerchantRecord:
         for name, sub_code in _REQUIRED_PARAMS:
@@ -467,9 +618,10 @@ class AlipayEmulator:
             invoice_amount=paid_text,
             point_amount="0.00",
         )
-        if paid and trade.paid_at is not None:
-            answer["send_pay_date"] = beijing_timestamp(trade.paid_at)
+        if paid:
             answer["fund_bill_list"] = [{"fund_channel": "ALIPAYACCOUNT", "amount": paid_text}]
+        if trade.paid_at is not None:  # a fully refunded, closed trade keeps its pay date
+            answer["send_pay_date"] = beijing_timestamp(trade.paid_at)
         return answer
 
     def _close(
@@ -484,6 +636,155 @@ class AlipayEmulator:
         trade.status = TradeStatus.TRADE_CLOSED
         trade.closed_reason = "closed by the merchant"
         return _success(trade_no=trade.trade_no, out_trade_no=trade.out_trade_no)
+
+    def _refund(
+        self, merchant: _MerchantRecord, raw: dict[str, Any], params: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Refund at once (Alipay refunds are synchronous); the key makes repeats idempotent."""
+        del params
+        biz = _validate(RefundBiz, raw)
+        trade = self._scanned_trade(merchant, biz)
+        key = biz.out_request_no or trade.out_trade_no
+        existing = trade.refunds.get(key)
+        if existing is not None:
+            if existing.amount_fen != biz.amount_fen:
+                raise _business_error(
+                    SubCode.DISCORDANT_REPEAT_REQUEST,
+                    f"请求信息不一致: out_request_no {key} was a refund of "
+                    f"{yuan_str(existing.amount_fen)}",
+                )
+            return self._refund_answer(trade, existing, FUND_CHANGE_NO)
+        if trade.paid_at is None:
+            raise _business_error(
+                SubCode.TRADE_STATUS_ERROR, f"交易状态不合法: the trade is {trade.status}"
+            )
+        refunded = trade.refunded_fen
+        if refunded + biz.amount_fen > trade.amount_fen:
+            raise _business_error(
+                SubCode.REFUND_AMT_NOT_EQUAL_TOTAL,
+                f"退款金额超限: {yuan_str(refunded)} of {yuan_str(trade.amount_fen)} "
+                f"already refunded, {biz.refund_amount} more asked",
+            )
+        mode = self._faults.refunds(PROVIDER)
+        if mode is RefundMode.ABNORMAL:
+            # Refunds are synchronous: a refund that cannot be paid back is refused.
+            raise _business_error(SubCode.SELLER_BALANCE_NOT_ENOUGH, "卖家余额不足")
+        fee = service_fee(trade.amount_fen)
+        refund = _Refund(
+            out_request_no=key,
+            amount_fen=biz.amount_fen,
+            reason=biz.refund_reason or "",
+            refunded_at=self._clock.now(),
+            fee_back_fen=min(service_fee(refunded + biz.amount_fen), fee) - service_fee(refunded),
+            hidden_queries=(
+                self._faults.processing_queries if mode is RefundMode.PROCESSING else 0
+            ),
+        )
+        trade.refunds[key] = refund
+        if trade.refunded_fen == trade.amount_fen:
+            trade.status = TradeStatus.TRADE_CLOSED
+            trade.closed_reason = "fully refunded"
+        return self._refund_answer(trade, refund, FUND_CHANGE_YES)
+
+    @staticmethod
+    def _refund_answer(trade: _Trade, refund: _Refund, fund_change: str) -> dict[str, Any]:
+        return _success(
+            trade_no=trade.trade_no,
+            out_trade_no=trade.out_trade_no,
+            buyer_logon_id=trade.buyer_logon_id,
+            buyer_user_id=trade.buyer_id,
+            fund_change=fund_change,
+            refund_fee=yuan_str(trade.refunded_fen),  # cumulative
+            gmt_refund_pay=beijing_timestamp(refund.refunded_at),
+            send_back_fee=yuan_str(refund.amount_fen),
+        )
+
+    def _refund_query(
+        self, merchant: _MerchantRecord, raw: dict[str, Any], params: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Answer a refund query; 10000 without refund data means "not refunded"."""
+        del params
+        biz = _validate(RefundQueryBiz, raw)
+        trade = self._scanned_trade(merchant, biz)
+        refund = trade.refunds.get(biz.out_request_no)
+        if refund is None or refund.hidden_queries > 0:
+            if refund is not None:
+                refund.hidden_queries -= 1  # PROCESSING: "query again at least 10 s later"
+            return _success(trade_no=trade.trade_no, out_trade_no=trade.out_trade_no)
+        answer = _success(
+            trade_no=trade.trade_no,
+            out_trade_no=trade.out_trade_no,
+            out_request_no=refund.out_request_no,
+            total_amount=yuan_str(trade.amount_fen),
+            refund_amount=yuan_str(refund.amount_fen),
+            refund_status=REFUND_STATUS_SUCCESS,
+        )
+        if refund.reason:
+            answer["refund_reason"] = refund.reason
+        if "gmt_refund_pay" in biz.query_options:
+            answer["gmt_refund_pay"] = beijing_timestamp(refund.refunded_at)
+        return answer
+
+    def _bill_download_url(
+        self, merchant: _MerchantRecord, raw: dict[str, Any], base_url: str
+    ) -> dict[str, Any]:
+        """Make the day's trade bill and hand out a 30-second link to it."""
+        biz = _validate(BillBiz, raw)
+        now = self._clock.now()
+        if biz.day >= now.astimezone(BEIJING).date():
+            raise GatewayError(
+                Code.BUSINESS_FAILED,
+                SubCode.BILL_NOT_EXIST,
+                f"账单不存在: the bill of {biz.bill_date} is ready the next day",
+            )
+        lines = self._bill_lines(merchant.app_id, biz.day)
+        if not lines:
+            raise GatewayError(Code.BUSINESS_FAILED, SubCode.BILL_NOT_EXIST, "账单不存在")
+        self._bills = {t: b for t, b in self._bills.items() if b.expires_at >= now}
+        token = secrets.token_urlsafe(24)
+        self._bills[token] = _BillFile(
+            name=f"{merchant.app_id}_{biz.day.strftime('%Y%m%d')}.csv.zip",
+            content=bill_zip(merchant.app_id, merchant.seller_id, biz.day, lines, now),
+            expires_at=now + BILL_LINK_LIFETIME,
+        )
+        return _success(bill_download_url=f"{base_url}/bill/{token}")
+
+    def _bill_lines(self, app_id: str, day: date) -> list[BillLine]:
+        def on_day(moment: datetime) -> bool:
+            return moment.astimezone(BEIJING).date() == day
+
+        lines: list[BillLine] = []
+        for trade in self._trades.values():
+            if trade.app_id != app_id or trade.paid_at is None:
+                continue
+            template = BillLine(
+                trade_no=trade.trade_no,
+                out_trade_no=trade.out_trade_no,
+                business_type=BillBusinessType.PAYMENT,
+                subject=trade.subject,
+                created_at=trade.scanned_at or trade.created_at,
+                finished_at=trade.paid_at,
+                buyer_logon_id=trade.buyer_logon_id,
+                amount_fen=trade.amount_fen,
+                refund_request_no="",
+                fee_fen=-service_fee(trade.amount_fen),
+            )
+            if on_day(trade.paid_at):
+                lines.append(template)
+            lines.extend(
+                dataclasses.replace(
+                    template,
+                    business_type=BillBusinessType.REFUND,
+                    finished_at=refund.refunded_at,
+                    amount_fen=-refund.amount_fen,
+                    refund_request_no=refund.out_request_no,
+                    fee_fen=refund.fee_back_fen,
+                    remark=refund.reason,
+                )
+                for refund in trade.refunds.values()
+                if on_day(refund.refunded_at)
+            )
+        return sorted(lines, key=lambda line: line.finished_at)
 
     def _scanned_trade(self, merchant: _MerchantRecord, ref: TradeRefBiz) -> _Trade:
         trade: _Trade | None

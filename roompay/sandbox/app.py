@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from roompay.clock import Clock, SystemClock
 from roompay.sandbox.alipay import AlipayEmulator
-from roompay.sandbox.faults import Faults, FaultKind, RefundMode
+from roompay.sandbox.faults import FaultKind, Faults, RefundMode
 from roompay.sandbox.notifier import Notifier
 from roompay.sandbox.wechatpay import WechatPayEmulator
 

@@ -124,5 +124,5 @@ def read_token(token: str, secret: str, now: datetime) -> Principal:
         return Principal(
             int(claims["uid"]), str(claims["sub"]), Role(claims["role"]), claims["hotel"]
         )
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
         raise denied from None

@@ -22,7 +22,7 @@ from roompay.payments.errors import PaymentError
 from roompay.services.catalog import device_programs, get_device
 from roompay.services.context import ServiceContext
 from roompay.services.errors import conflict, invalid, not_found, unavailable
-from roompay.services.orders import record_event
+from roompay.services.timeline import record_event
 from roompay.store.db import transaction
 from roompay.store.models import Device, Order
 

@@ -22,8 +22,9 @@ class ServiceContext:
     ids: IdGenerator
     providers: dict[Wallet, PaymentProvider]
     metrics: Metrics
-    # Called after a transaction has queued commands, so the dispatcher wakes at once.
+    # Called after a transaction has queued commands or refunds, so workers wake at once.
     on_commands_queued: Callable[[], None] = field(default=lambda: None)
+    on_refunds_queued: Callable[[], None] = field(default=lambda: None)
 
     def provider(self, wallet: Wallet) -> PaymentProvider:
         """Return the provider for a wallet; raises KeyError if it is not configured."""

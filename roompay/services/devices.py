@@ -6,13 +6,14 @@ only moves forward.
 """
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from roompay.domain.orders import OrderStatus, can_move
+from roompay.domain.refunds import RefundPolicy
 from roompay.logs import order_context
 from roompay.protocol.errors import ProtocolError
 from roompay.protocol.messages import (
@@ -29,8 +30,8 @@ from roompay.protocol.messages import (
 from roompay.protocol.topics import ParsedTopic
 from roompay.services.context import ServiceContext
 from roompay.services.dispatch import fail_start
-from roompay.services.orders import record_event
-from roompay.services.refunds import request_refund
+from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
+from roompay.services.timeline import record_event
 from roompay.store.db import transaction
 from roompay.store.models import Command, Device, Order, RunEventRecord
 
@@ -89,6 +90,18 @@ def _resend_open_commands(session: Session, device: Device, now: datetime) -> in
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def mark_silent_devices_offline(ctx: ServiceContext) -> int:
+    """Devices not heard from for `device_stale_after_s` are offline, will or no will."""
+    cutoff = ctx.clock.now() - timedelta(seconds=ctx.settings.device_stale_after_s)
+    with transaction(ctx.sessions) as session:
+        result = session.execute(
+            update(Device)
+            .where(Device.online.is_(True), Device.last_seen_at < cutoff)
+            .values(online=False)
+        )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def _on_heartbeat(ctx: ServiceContext, code: str, _message: Heartbeat) -> None:
     with transaction(ctx.sessions) as session:
         device = _device(session, code)
@@ -113,8 +126,13 @@ def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: Com
         return  # already answered; a duplicate answer changes nothing
     now = ctx.clock.now()
     command.answered_at = now
-    command.answer = ack.status.value if ack.reason is None else f"{ack.status}:{ack.reason}"
-    if ack.status is AckStatus.REJECTED:
+    command.answer = (ack.status.value if ack.reason is None else f"{ack.status}:{ack.reason}")[:64]
+    # A `duplicate` repeats the device's first answer: a rejection if it names a reason
+    # and no run, an acceptance if it names the run.
+    rejected = ack.status is AckStatus.REJECTED or (
+        ack.status is AckStatus.DUPLICATE and ack.run_id is None
+    )
+    if rejected:
         command.status = "rejected"
         fail_start(ctx, session, command.order_id, f"device_rejected:{ack.reason}")
         return
@@ -175,6 +193,10 @@ def _started(
     device.state = "running"
     device.current_order_id = order.id
     record_event(session, order.id, now, "started", run_id=event.run_id)
+    # A start reported after the server gave up on it (a device clock behind ours):
+    # the guest got the run, so the full refund is no longer owed, if not yet sent.
+    if cancel_unsent_refund(ctx, session, f"{order.id}-start"):
+        log.warning("appliance started after its start deadline; start refund cancelled")
 
 
 def _ended(
@@ -197,8 +219,11 @@ def _ended(
         device.state = "idle"
         device.current_order_id = None
     record_event(session, order.id, now, "ended", reason=order.end_reason, actual_run_s=actual)
-    if actual < order.duration_s and event.reason is not EndReason.COMPLETED:
-        unused = order.amount_fen * (order.duration_s - actual) // order.duration_s
-        request_refund(
-            ctx, session, order, unused, f"early_stop:{order.end_reason}", key=f"{order.id}-early"
-        )
+    if event.reason is not EndReason.COMPLETED:
+        policy = RefundPolicy(full_refund_below_s=ctx.settings.full_refund_below_s)
+        unused = policy.unused_share(order.amount_fen, order.duration_s, actual)
+        if unused > 0:
+            reason = f"early_stop:{order.end_reason}"
+            request_refund(ctx, session, order, unused, reason, f"{order.id}-early")
+            ctx.on_refunds_queued()
+    settle_order_status(session, order.id)

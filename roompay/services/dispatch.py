@@ -7,7 +7,6 @@ PostgreSQL, so several server processes can dispatch side by side.
 """
 
 import logging
-import threading
 from datetime import timedelta
 from typing import Protocol
 
@@ -17,8 +16,8 @@ from sqlalchemy.orm import Session
 from roompay.logs import order_context
 from roompay.protocol.messages import StartCommand
 from roompay.services.context import ServiceContext
-from roompay.services.orders import record_event
-from roompay.services.refunds import request_refund
+from roompay.services.refunds import paid_total, request_refund
+from roompay.services.timeline import record_event
 from roompay.store.db import transaction
 from roompay.store.models import Command, Device, Order
 
@@ -81,43 +80,6 @@ def fail_start(ctx: ServiceContext, session: Session, order_id: str, reason: str
     """The appliance did not start: owe the guest everything back."""
     order = session.get_one(Order, order_id, with_for_update=True)
     record_event(session, order_id, ctx.clock.now(), "start_failed", reason=reason)
-    request_refund(ctx, session, order, order.amount_fen, reason, key=f"{order_id}-start")
+    request_refund(ctx, session, order, paid_total(order), reason, key=f"{order_id}-start")
+    ctx.on_refunds_queued()
     log.warning("start failed: %s", reason)
-
-
-class DispatcherThread:
-    """Runs `dispatch_due` in the background, woken at once when commands are queued."""
-
-    def __init__(
-        self, ctx: ServiceContext, publisher: CommandPublisher, poll_s: float = 0.5
-    ) -> None:
-        self._ctx = ctx
-        self._publisher = publisher
-        self._poll_s = poll_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
-
-    def wake(self) -> None:
-        """Dispatch now instead of at the next poll."""
-        self._wake.set()
-
-    def start(self) -> None:
-        """Start the background thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the background thread and wait for it."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._poll_s)
-            self._wake.clear()
-            try:
-                dispatch_due(self._ctx, self._publisher)
-            except Exception:
-                log.exception("dispatch failed; retrying at the next poll")

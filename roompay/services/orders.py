@@ -2,13 +2,13 @@
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from roompay.services.errors import not_found
-from roompay.store.models import Device, Order, OrderEvent
+from roompay.services.refunds import refunded_total
+from roompay.store.models import Device, Order
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +28,7 @@ class OrderView:
     started_at: datetime | None
     ended_at: datetime | None
     actual_run_s: int | None
-
-
-def record_event(session: Session, order_id: str, at: datetime, event: str, **detail: Any) -> None:
-    """Append one step to an order's timeline."""
-    session.add(OrderEvent(order_id=order_id, at=at, event=event, detail=detail))
+    refunded_fen: int
 
 
 def get_order_view(session: Session, order_id: str) -> OrderView:
@@ -59,13 +55,8 @@ def get_order_view(session: Session, order_id: str) -> OrderView:
         started_at=order.started_at,
         ended_at=order.ended_at,
         actual_run_s=order.actual_run_s,
+        refunded_fen=refunded_total(session, order.id),
     )
-
-
-def order_timeline(session: Session, order_id: str) -> list[OrderEvent]:
-    """The order's events, oldest first."""
-    query = select(OrderEvent).where(OrderEvent.order_id == order_id).order_by(OrderEvent.id)
-    return list(session.scalars(query))
 
 
 def count_by_status(session: Session) -> dict[str, int]:

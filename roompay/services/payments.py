@@ -1,23 +1,26 @@
-"""Payment notifications: verified money in, turned into a paid order and a start command.
+"""Payment evidence (notifications and active queries) turned into paid orders.
 
-The paid transition, the notice record and the outbox command commit in one
-transaction, under a row lock on the order; only then is the provider answered.
-Duplicates and concurrent copies therefore have the effect of one.
+Whatever the source, the paid transition, the notice record and the outbox command
+(or the refund owed) commit in one transaction under a row lock on the order; only
+then is the provider answered. Duplicates, concurrent copies and a query racing a
+notification therefore have the effect of one.
 """
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sqlalchemy.orm import Session
 
+from roompay.domain.catalog import Wallet
 from roompay.domain.orders import OrderStatus, can_move
 from roompay.logs import order_context
-from roompay.payments.base import PaymentNotification, TradeState
+from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
 from roompay.protocol.messages import StartCommand
 from roompay.services.context import ServiceContext
-from roompay.services.orders import record_event
+from roompay.services.refunds import request_refund
+from roompay.services.timeline import record_event
 from roompay.store.db import transaction
 from roompay.store.models import Command, Device, Order, PaymentNotice
 
@@ -25,20 +28,58 @@ log = logging.getLogger(__name__)
 
 
 class NotifyOutcome(StrEnum):
-    """What a notification did."""
+    """What a piece of payment evidence did."""
 
     PAID = "paid"
+    PAID_LATE_REFUNDING = "paid_late_refunding"
+    FLAGGED_AMOUNT = "flagged_amount"
     DUPLICATE = "duplicate"
     ORPHAN = "orphan"
     NOT_A_PAYMENT = "not_a_payment"
     REJECTED_MERCHANT = "rejected_merchant"
-    REJECTED_AMOUNT = "rejected_amount"
     REJECTED_WALLET = "rejected_wallet"
 
 
-ACCEPTED = frozenset(
-    {NotifyOutcome.PAID, NotifyOutcome.DUPLICATE, NotifyOutcome.ORPHAN, NotifyOutcome.NOT_A_PAYMENT}
-)
+REFUSED = frozenset({NotifyOutcome.REJECTED_MERCHANT, NotifyOutcome.REJECTED_WALLET})
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentEvidence:
+    """A provider's word that a trade is in some state, from a notify or a query."""
+
+    wallet: Wallet
+    out_trade_no: str
+    provider_trade_no: str
+    state: TradeState
+    amount_fen: int
+    paid_at: datetime | None
+    source_id: str
+
+    @classmethod
+    def from_notification(cls, notice: PaymentNotification) -> "PaymentEvidence":
+        """Evidence from a verified notification."""
+        return cls(
+            notice.wallet,
+            notice.out_trade_no,
+            notice.provider_trade_no,
+            notice.state,
+            notice.amount_fen,
+            notice.paid_at,
+            notice.notification_id,
+        )
+
+    @classmethod
+    def from_query(cls, wallet: Wallet, snapshot: TradeSnapshot, at: datetime) -> "PaymentEvidence":
+        """Evidence from an active query of a paid trade."""
+        return cls(
+            wallet,
+            snapshot.out_trade_no,
+            snapshot.provider_trade_no or "",
+            snapshot.state,
+            snapshot.amount_fen or 0,
+            snapshot.paid_at,
+            f"query:{at.isoformat()}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +91,7 @@ class NotifyResult:
     @property
     def acknowledge(self) -> bool:
         """Tell whether to answer the provider with its success reply."""
-        return self.outcome in ACCEPTED
+        return self.outcome not in REFUSED
 
 
 def handle_notification(ctx: ServiceContext, notice: PaymentNotification) -> NotifyResult:
@@ -59,52 +100,56 @@ def handle_notification(ctx: ServiceContext, notice: PaymentNotification) -> Not
         if not notice.merchant_ok:
             log.warning("notification for another merchant or app refused")
             return NotifyResult(NotifyOutcome.REJECTED_MERCHANT)
-        with transaction(ctx.sessions) as session:
-            # _apply writes nothing for a refused notification.
-            outcome = _apply(ctx, session, notice)
-        if outcome in {NotifyOutcome.REJECTED_AMOUNT, NotifyOutcome.REJECTED_WALLET}:
-            log.warning("notification refused: %s", outcome)
-            return NotifyResult(outcome)
-        if outcome is NotifyOutcome.PAID:
-            ctx.on_commands_queued()
-        log.info("notification handled: %s", outcome)
-        return NotifyResult(outcome)
+        return NotifyResult(apply_evidence(ctx, PaymentEvidence.from_notification(notice)))
 
 
-def _apply(ctx: ServiceContext, session: Session, notice: PaymentNotification) -> NotifyOutcome:
-    order = session.get(Order, notice.out_trade_no, with_for_update=True)
+def apply_evidence(ctx: ServiceContext, evidence: PaymentEvidence) -> NotifyOutcome:
+    """Apply payment evidence in its own transaction and log the outcome."""
+    with transaction(ctx.sessions) as session:
+        outcome = _apply(ctx, session, evidence)
+    if outcome in REFUSED:
+        log.warning("payment evidence refused: %s", outcome)
+    else:
+        log.info("payment evidence handled: %s", outcome)
+    if outcome is NotifyOutcome.PAID:
+        ctx.on_commands_queued()
+    elif outcome in (NotifyOutcome.PAID_LATE_REFUNDING, NotifyOutcome.FLAGGED_AMOUNT):
+        ctx.on_refunds_queued()
+    return outcome
+
+
+def _apply(ctx: ServiceContext, session: Session, evidence: PaymentEvidence) -> NotifyOutcome:
+    order = session.get(Order, evidence.out_trade_no, with_for_update=True)
     if order is None:
-        _remember(ctx, session, notice, None, NotifyOutcome.ORPHAN)
+        _remember(ctx, session, evidence, None, NotifyOutcome.ORPHAN)
         return NotifyOutcome.ORPHAN
-    if order.wallet != notice.wallet.value:
-        return NotifyOutcome.REJECTED_WALLET
-    if notice.amount_fen != order.amount_fen:
-        return NotifyOutcome.REJECTED_AMOUNT
-    if notice.state is not TradeState.SUCCESS:
-        _remember(ctx, session, notice, order.id, NotifyOutcome.NOT_A_PAYMENT)
+    if order.wallet != evidence.wallet.value:
+        return NotifyOutcome.REJECTED_WALLET  # writes nothing
+    if evidence.state is not TradeState.SUCCESS:
+        _remember(ctx, session, evidence, order.id, NotifyOutcome.NOT_A_PAYMENT)
         return NotifyOutcome.NOT_A_PAYMENT
     if not can_move(OrderStatus(order.status), OrderStatus.PAID):
         return NotifyOutcome.DUPLICATE
-    _mark_paid(ctx, session, order, notice)
-    _remember(ctx, session, notice, order.id, NotifyOutcome.PAID)
-    return NotifyOutcome.PAID
+    outcome = _mark_paid(ctx, session, order, evidence)
+    _remember(ctx, session, evidence, order.id, outcome)
+    return outcome
 
 
 def _remember(
     ctx: ServiceContext,
     session: Session,
-    notice: PaymentNotification,
+    evidence: PaymentEvidence,
     order_id: str | None,
     outcome: NotifyOutcome,
 ) -> None:
     session.add(
         PaymentNotice(
-            wallet=notice.wallet.value,
-            notification_id=notice.notification_id,
-            out_trade_no=notice.out_trade_no,
-            provider_trade_no=notice.provider_trade_no,
-            amount_fen=notice.amount_fen,
-            trade_state=notice.state.value,
+            wallet=evidence.wallet.value,
+            notification_id=evidence.source_id[:128],
+            out_trade_no=evidence.out_trade_no,
+            provider_trade_no=evidence.provider_trade_no,
+            amount_fen=evidence.amount_fen,
+            trade_state=evidence.state.value,
             order_id=order_id,
             outcome=outcome.value,
             received_at=ctx.clock.now(),
@@ -113,17 +158,52 @@ def _remember(
 
 
 def _mark_paid(
-    ctx: ServiceContext, session: Session, order: Order, notice: PaymentNotification
-) -> None:
+    ctx: ServiceContext, session: Session, order: Order, evidence: PaymentEvidence
+) -> NotifyOutcome:
     now = ctx.clock.now()
     late = order.status == OrderStatus.EXPIRED
     order.status = OrderStatus.PAID.value
-    order.paid_at = notice.paid_at or now
-    order.provider_trade_no = notice.provider_trade_no
+    order.paid_at = evidence.paid_at or now
+    order.paid_amount_fen = evidence.amount_fen
+    order.provider_trade_no = evidence.provider_trade_no
     record_event(
-        session, order.id, now, "paid", provider_trade_no=notice.provider_trade_no, late=late
+        session,
+        order.id,
+        now,
+        "paid",
+        provider_trade_no=evidence.provider_trade_no,
+        late=late,
+        source="query" if evidence.source_id.startswith("query:") else "notify",
     )
+    if evidence.amount_fen != order.amount_fen:
+        # Authentic money, but not what we asked for: never run, flag, give it back.
+        order.flag = "amount_mismatch"
+        record_event(
+            session,
+            order.id,
+            now,
+            "flagged",
+            reason="amount_mismatch",
+            paid_fen=evidence.amount_fen,
+            price_fen=order.amount_fen,
+        )
+        request_refund(
+            ctx, session, order, evidence.amount_fen, "amount_mismatch", f"{order.id}-mismatch"
+        )
+        return NotifyOutcome.FLAGGED_AMOUNT
+    if late and not _honour_late(ctx, session, order):
+        request_refund(ctx, session, order, order.amount_fen, "late_payment", f"{order.id}-late")
+        return NotifyOutcome.PAID_LATE_REFUNDING
     queue_start(ctx, session, order)
+    return NotifyOutcome.PAID
+
+
+def _honour_late(ctx: ServiceContext, session: Session, order: Order) -> bool:
+    """Run a late-paid order only if the policy allows and the appliance is free now."""
+    if ctx.settings.late_payment_policy != "honour_if_free":
+        return False
+    device = session.get_one(Device, order.device_id, with_for_update=True)
+    return device.online and device.state == "idle" and device.current_order_id is None
 
 
 def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:

@@ -147,6 +147,11 @@ class Order(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     actual_run_s: Mapped[int | None] = mapped_column(Integer)
     end_reason: Mapped[str | None] = mapped_column(String(32))
+    # What the provider says the guest paid; differs from amount_fen only on a flagged order.
+    paid_amount_fen: Mapped[int | None] = mapped_column(BigInteger)
+    flag: Mapped[str | None] = mapped_column(String(32))
+    last_queried_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    closed_at_provider: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class OrderEvent(Base):
@@ -222,8 +227,28 @@ class Refund(Base):
     refund_key: Mapped[str] = mapped_column(String(64), unique=True)
     amount_fen: Mapped[int] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    requested_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    note: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    provider_refund_id: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class AuditEntry(Base):
+    """A staff action on money or machines, kept for ever."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    hotel_id: Mapped[int | None] = mapped_column(ForeignKey("hotels.id"))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class User(Base):

@@ -10,7 +10,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
 
 from roompay.domain.catalog import Wallet
-from roompay.services import catalog, orders
+from roompay.services import catalog, orders, staff
 from roompay.services.auth import authenticate, issue_token
 from roompay.services.checkout import CheckoutRequest, checkout
 from roompay.web.deps import Ctx, CurrentUser
@@ -84,6 +84,27 @@ class OrderOut(BaseModel):
     started_at: datetime | None
     ended_at: datetime | None
     actual_run_s: int | None
+    refunded_fen: int
+
+
+class RefundIn(BaseModel):
+    """A staff refund: how much, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount_fen: Annotated[int, Field(gt=0, le=100_000_00, strict=True)]
+    reason: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class RefundOut(BaseModel):
+    """A refund and where it stands."""
+
+    refund_key: str
+    amount_fen: int
+    reason: str
+    status: str
+    created_at: datetime
+    note: str | None
 
 
 @router.post("/auth/token", tags=["auth"])
@@ -147,6 +168,28 @@ def get_order(ctx: Ctx, order_id: str) -> OrderOut:
     with ctx.sessions() as session:
         view = orders.get_order_view(session, order_id)
     return OrderOut(**{k: getattr(view, k) for k in OrderOut.model_fields})
+
+
+@router.post("/orders/{order_id}/refunds", status_code=201, tags=["staff"])
+def create_refund(
+    ctx: Ctx,
+    user: CurrentUser,
+    order_id: str,
+    body: RefundIn,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> RefundOut:
+    """Refund part or all of an order, with a reason; recorded in the audit log."""
+    view = staff.refund_order(ctx, user, order_id, body.amount_fen, body.reason, idempotency_key)
+    return RefundOut(**{k: getattr(view, k) for k in RefundOut.model_fields})
+
+
+@router.get("/orders/{order_id}/refunds", tags=["staff"])
+def order_refunds(ctx: Ctx, user: CurrentUser, order_id: str) -> list[RefundOut]:
+    """An order's refunds."""
+    return [
+        RefundOut(**{k: getattr(v, k) for k in RefundOut.model_fields})
+        for v in staff.list_refunds(ctx, user, order_id)
+    ]
 
 
 @router.get("/orders/{order_id}/qr.svg", tags=["guest"], response_class=Response)

@@ -6,7 +6,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -17,8 +17,18 @@ from fastapi import FastAPI
 from starlette.exceptions import StarletteDeprecationWarning
 
 from roompay.payments.alipay import AlipayConfig, AlipayProvider
+from roompay.payments.alipay.client import beijing_timestamp as beijing
 from roompay.payments.alipay.client import extract_signed_response, request_sign_content
-from roompay.payments.base import QrOrderRequest, TradeState
+from roompay.payments.base import (
+    BillEntry,
+    BillEntryKind,
+    QrOrderRequest,
+    RefundOutcome,
+    RefundRequest,
+    RefundState,
+    TradeSnapshot,
+    TradeState,
+)
 from roompay.payments.crypto import (
     generate_private_key,
     load_public_key,
@@ -27,9 +37,16 @@ from roompay.payments.crypto import (
     sign_b64,
     verify_b64,
 )
-from roompay.payments.errors import ProviderRejectedError, ProviderSignatureError
+from roompay.payments.errors import (
+    ProviderRejectedError,
+    ProviderSignatureError,
+    ProviderUnavailableError,
+    TradeAlreadyPaidError,
+)
 from roompay.sandbox.alipay import AlipayEmulator
+from roompay.sandbox.faults import FaultKind, Faults, RefundMode
 from roompay.sandbox.notifier import DeliveryRecord, Notifier
+from tests.support.live import live_server
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers its httpx fork; with httpx installed its TestClient still
@@ -70,6 +87,7 @@ class Sandbox:
     receiver: Receiver
     notifier: Notifier
     emulator: AlipayEmulator
+    faults: Faults
     http: TestClient
     config: AlipayConfig
     provider: AlipayProvider
@@ -107,11 +125,12 @@ def sandbox(tmp_path: Path, app_key: rsa.RSAPrivateKey) -> Iterator[Sandbox]:
     receiver = Receiver()
     # A million-fold speed-up replays Alipay's 25-hour schedule in about 0.1 s.
     notifier = Notifier(time_scale=1_000_000, transport=httpx.MockTransport(receiver))
-    emulator = AlipayEmulator(tmp_path, clock, notifier)
+    faults = Faults(slow_s=0.5, processing_queries=2)
+    emulator = AlipayEmulator(tmp_path, clock, notifier, faults)
     with TestClient(mount(emulator)) as http:
         config = register(http, app_key)
         provider = AlipayProvider(config, clock, http)
-        yield Sandbox(clock, receiver, notifier, emulator, http, config, provider)
+        yield Sandbox(clock, receiver, notifier, emulator, faults, http, config, provider)
     asyncio.run(notifier.aclose())
 
 
@@ -340,14 +359,13 @@ def test_precreated_trade_does_not_exist_until_scanned(sandbox: Sandbox) -> None
 
     with pytest.raises(ProviderRejectedError) as caught:
         sandbox.provider.client.query_order("order-0001")
-    before_scan = sandbox.provider.query_order("order-0001")
-    close_before_scan = sandbox.provider.close_order("order-0001")
+    before_scan = sandbox.provider.query_trade("order-0001")
+    sandbox.provider.close_trade("order-0001")  # nothing to close: not an error
     sandbox.emulator.scan(qr)
     scanned = sandbox.provider.client.query_order("order-0001")
 
     assert (caught.value.code, caught.value.message) == ("ACQ.TRADE_NOT_EXIST", "交易不存在")
-    assert before_scan is TradeState.NOT_FOUND
-    assert close_before_scan is TradeState.NOT_FOUND
+    assert before_scan == TradeSnapshot("order-0001", TradeState.NOT_FOUND, None, None, None)
     assert scanned.trade_status == "WAIT_BUYER_PAY"
     assert scanned.total_amount_fen == 800
     assert len(scanned.trade_no) == 28
@@ -358,10 +376,10 @@ def test_closing_a_scanned_trade_stops_payment(sandbox: Sandbox) -> None:
     qr = sandbox.provider.create_qr_order(order()).qr_content
     sandbox.emulator.scan(qr)
 
-    closed = sandbox.provider.close_order("order-0001")
+    sandbox.provider.close_trade("order-0001")
+    sandbox.provider.close_trade("order-0001")  # closing again is not an error
 
-    assert closed is TradeState.CLOSED
-    assert sandbox.provider.query_order("order-0001") is TradeState.CLOSED
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.CLOSED
     with pytest.raises(ValueError, match="closed by the merchant"):
         asyncio.run(sandbox.emulator.guest_pay(qr))
     assert sandbox.notifier.records == []
@@ -371,11 +389,11 @@ def test_scanned_trade_times_out_after_timeout_express(sandbox: Sandbox) -> None
     qr = sandbox.provider.create_qr_order(order()).qr_content  # timeout_express 5m
     sandbox.emulator.scan(qr)
     sandbox.clock.at += timedelta(minutes=4, seconds=59)
-    still_open = sandbox.provider.query_order("order-0001")
+    still_open = sandbox.provider.query_trade("order-0001").state
     sandbox.clock.at += timedelta(seconds=1)
 
     assert still_open is TradeState.NOT_PAID
-    assert sandbox.provider.query_order("order-0001") is TradeState.CLOSED
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.CLOSED
     with pytest.raises(ValueError, match="timed out"):
         asyncio.run(sandbox.emulator.guest_pay(qr))
 
@@ -409,15 +427,15 @@ def test_guest_pay_notifies_and_the_adapter_accepts_it(sandbox: Sandbox) -> None
     assert notification.amount_fen == 305
     assert notification.paid_at == START + timedelta(seconds=30)
     assert notification.merchant_ok is True
-    assert sandbox.provider.query_order("order-0001") is TradeState.SUCCESS
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.SUCCESS
 
 
 def test_a_paid_trade_cannot_be_closed_or_paid_again(sandbox: Sandbox) -> None:
     qr = sandbox.provider.create_qr_order(order()).qr_content
     pay(sandbox, qr)
 
-    with pytest.raises(ProviderRejectedError) as close:
-        sandbox.provider.close_order("order-0001")
+    with pytest.raises(TradeAlreadyPaidError) as close:
+        sandbox.provider.close_trade("order-0001")
     with pytest.raises(ProviderRejectedError) as again:
         sandbox.provider.create_qr_order(order())
     with pytest.raises(ValueError, match="already paid"):
@@ -459,3 +477,286 @@ def test_notify_gives_up_after_alipays_eight_deliveries(sandbox: Sandbox) -> Non
     record = asyncio.run(scenario())
 
     assert (record.attempts, record.delivered) == (8, False)
+
+
+# --- query and close through the provider ----------------------------------------------------
+
+
+def test_query_trade_before_scan_after_scan_and_after_pay(sandbox: Sandbox) -> None:
+    qr = sandbox.provider.create_qr_order(order()).qr_content
+
+    before_scan = sandbox.provider.query_trade("order-0001")
+    sandbox.clock.at += timedelta(seconds=10)
+    sandbox.emulator.scan(qr)
+    scanned = sandbox.provider.query_trade("order-0001")
+    sandbox.clock.at += timedelta(seconds=20)
+    paid, _ = pay(sandbox, qr)
+    after_pay = sandbox.provider.query_trade("order-0001")
+
+    assert before_scan == TradeSnapshot("order-0001", TradeState.NOT_FOUND, None, None, None)
+    assert scanned == TradeSnapshot("order-0001", TradeState.NOT_PAID, 800, paid["trade_no"], None)
+    assert after_pay == TradeSnapshot(
+        "order-0001", TradeState.SUCCESS, 800, paid["trade_no"], START + timedelta(seconds=30)
+    )
+
+
+def test_closing_is_idempotent_until_paid_and_refused_after(sandbox: Sandbox) -> None:
+    qr_closed = sandbox.provider.create_qr_order(order("order-0001")).qr_content
+    qr_paid = sandbox.provider.create_qr_order(order("order-0002")).qr_content
+    sandbox.emulator.scan(qr_closed)
+    pay(sandbox, qr_paid)
+
+    for _ in range(2):
+        sandbox.provider.close_trade("order-0001")
+    with pytest.raises(TradeAlreadyPaidError):
+        sandbox.provider.close_trade("order-0002")
+
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.CLOSED
+    assert sandbox.provider.query_trade("order-0002").state is TradeState.SUCCESS
+
+
+# --- refunds ------------------------------------------------------------------------------
+
+
+def paid_trade(sandbox: Sandbox, out_trade_no: str = "order-0001", amount_fen: int = 800) -> str:
+    qr = sandbox.provider.create_qr_order(order(out_trade_no, amount_fen)).qr_content
+    sandbox.clock.at += timedelta(seconds=30)
+    paid, _ = pay(sandbox, qr)
+    return paid["trade_no"]
+
+
+def refund(amount_fen: int, key: str = "r-0001", total_fen: int = 800) -> RefundRequest:
+    return RefundRequest("order-0001", key, amount_fen, total_fen, "machine did not start")
+
+
+def test_full_refund_succeeds_at_once_and_closes_the_trade(sandbox: Sandbox) -> None:
+    trade_no = paid_trade(sandbox)
+    sandbox.clock.at += timedelta(minutes=1)
+
+    outcome = sandbox.provider.refund(refund(800))
+
+    assert outcome == RefundOutcome("r-0001", RefundState.SUCCESS, 800, None)
+    assert sandbox.provider.query_trade("order-0001") == TradeSnapshot(
+        "order-0001", TradeState.CLOSED, 800, trade_no, START + timedelta(seconds=30)
+    )
+    assert sandbox.provider.query_refund("order-0001", "r-0001") == outcome
+    with pytest.raises(TradeAlreadyPaidError):
+        sandbox.provider.close_trade("order-0001")
+
+
+def test_partial_refund_keeps_the_trade_paid(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+
+    outcome = sandbox.provider.refund(refund(300))
+
+    assert outcome == RefundOutcome("r-0001", RefundState.SUCCESS, 300, None)
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.SUCCESS
+    assert sandbox.provider.query_refund("order-0001", "r-0001") == outcome
+    assert sandbox.provider.query_refund("order-0001", "r-0002") == RefundOutcome(
+        "r-0002", RefundState.NOT_FOUND, 0, None
+    )
+
+
+def test_the_same_key_twice_refunds_once(sandbox: Sandbox) -> None:
+    trade_no = paid_trade(sandbox)
+    sandbox.clock.at += timedelta(minutes=1)
+    refunded_at = sandbox.clock.now()
+
+    biz = {"out_trade_no": "order-0001", "out_request_no": "r-0001", "refund_amount": "3.00"}
+    first = sandbox.provider.client.execute("alipay.trade.refund", biz)
+    sandbox.clock.at += timedelta(minutes=1)
+    again = sandbox.provider.client.execute("alipay.trade.refund", biz)
+    again_outcome = sandbox.provider.refund(refund(300))
+    rest = sandbox.provider.client.refund("order-0001", "r-0002", 500)
+
+    assert first == {
+        "code": "10000",
+        "msg": "Success",
+        "trade_no": trade_no,
+        "out_trade_no": "order-0001",
+        "buyer_logon_id": "gue***@example.com",
+        "buyer_user_id": first["buyer_user_id"],
+        "fund_change": "Y",
+        "refund_fee": "3.00",  # cumulative
+        "gmt_refund_pay": beijing(refunded_at),
+        "send_back_fee": "3.00",
+    }
+    assert again == first | {"fund_change": "N"}
+    assert again_outcome == RefundOutcome("r-0001", RefundState.SUCCESS, 300, None)
+    # Had the repeat refunded again, 5.00 more would exceed the 8.00 paid.
+    assert (rest.fund_change, rest.refund_fee) == ("Y", "8.00")
+    assert sandbox.provider.query_trade("order-0001").state is TradeState.CLOSED
+
+
+def test_over_refund_and_a_discordant_repeat_are_refused_and_change_nothing(
+    sandbox: Sandbox,
+) -> None:
+    paid_trade(sandbox)
+    sandbox.provider.refund(refund(500))
+
+    with pytest.raises(ProviderRejectedError) as over:
+        sandbox.provider.refund(refund(400, key="r-0002"))
+    with pytest.raises(ProviderRejectedError) as discordant:
+        sandbox.provider.refund(refund(200))
+    rest = sandbox.provider.client.refund("order-0001", "r-0003", 300)
+
+    assert over.value.code == "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"
+    assert discordant.value.code == "ACQ.DISCORDANT_REPEAT_REQUEST"
+    assert sandbox.provider.query_refund("order-0001", "r-0002").state is RefundState.NOT_FOUND
+    assert (rest.fund_change, rest.refund_fee) == ("Y", "8.00")
+
+
+def test_refunds_of_unpaid_or_unscanned_trades_are_refused(sandbox: Sandbox) -> None:
+    qr = sandbox.provider.create_qr_order(order()).qr_content
+
+    with pytest.raises(ProviderRejectedError) as unscanned:
+        sandbox.provider.refund(refund(100))
+    sandbox.emulator.scan(qr)
+    with pytest.raises(ProviderRejectedError) as unpaid:
+        sandbox.provider.refund(refund(100))
+
+    assert unscanned.value.code == "ACQ.TRADE_NOT_EXIST"
+    assert unpaid.value.code == "ACQ.TRADE_STATUS_ERROR"
+
+
+def test_out_request_no_defaults_to_out_trade_no(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+
+    sandbox.provider.client.execute(
+        "alipay.trade.refund", {"out_trade_no": "order-0001", "refund_amount": "1.00"}
+    )
+
+    assert sandbox.provider.query_refund("order-0001", "order-0001") == RefundOutcome(
+        "order-0001", RefundState.SUCCESS, 100, None
+    )
+
+
+def test_a_processing_refund_shows_in_queries_only_later(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+    sandbox.faults.refund_mode["alipay"] = RefundMode.PROCESSING
+
+    outcome = sandbox.provider.refund(refund(300))
+    states = [sandbox.provider.query_refund("order-0001", "r-0001").state for _ in range(3)]
+
+    assert outcome.state is RefundState.SUCCESS
+    assert states == [RefundState.NOT_FOUND, RefundState.NOT_FOUND, RefundState.SUCCESS]
+
+
+def test_an_abnormal_refund_is_refused_and_can_be_retried_later(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+    sandbox.faults.refund_mode["alipay"] = RefundMode.ABNORMAL
+
+    with pytest.raises(ProviderRejectedError) as refused:
+        sandbox.provider.refund(refund(300))
+    after_refusal = sandbox.provider.query_refund("order-0001", "r-0001")
+    sandbox.faults.clear()
+    retried = sandbox.provider.client.refund("order-0001", "r-0001", 300)
+
+    assert refused.value.code == "ACQ.SELLER_BALANCE_NOT_ENOUGH"
+    assert after_refusal.state is RefundState.NOT_FOUND
+    assert (retried.fund_change, retried.refund_fee) == ("Y", "3.00")
+
+
+# --- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [FaultKind.SYSTEM_ERROR, FaultKind.HTTP_500])
+def test_a_failed_refund_call_does_nothing_and_the_retry_refunds_once(
+    sandbox: Sandbox, kind: FaultKind
+) -> None:
+    paid_trade(sandbox)
+    sandbox.faults.arm("alipay", "alipay.trade.refund", kind)
+
+    with pytest.raises(ProviderUnavailableError):
+        sandbox.provider.refund(refund(300))
+    before_retry = sandbox.provider.query_refund("order-0001", "r-0001")
+    retried = sandbox.provider.client.refund("order-0001", "r-0001", 300)
+
+    assert before_retry.state is RefundState.NOT_FOUND
+    assert (retried.fund_change, retried.refund_fee) == ("Y", "3.00")
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "sub_code"),
+    [(FaultKind.SYSTEM_ERROR, 200, "isp.unknow-error"), (FaultKind.HTTP_500, 500, None)],
+)
+@pytest.mark.parametrize(
+    "method",
+    [
+        "alipay.trade.precreate",
+        "alipay.trade.query",
+        "alipay.trade.close",
+        "alipay.trade.refund",
+        "alipay.trade.fastpay.refund.query",
+        "alipay.data.dataservice.bill.downloadurl.query",
+    ],
+)
+def test_faults_are_armed_per_method(
+    sandbox: Sandbox, method: str, kind: FaultKind, status: int, sub_code: str | None
+) -> None:
+    sandbox.faults.arm("alipay", method, kind)
+    params = sandbox.provider.client.signed_params(method, {"out_trade_no": "x"})
+
+    response = sandbox.http.get(GATEWAY, params=params)
+    second = sandbox.http.get(GATEWAY, params=sandbox.provider.client.signed_params(method, {}))
+
+    assert response.status_code == status
+    if sub_code is not None:
+        body = gateway_body(sandbox, response, method)
+        assert (body["code"], body["sub_code"]) == ("20000", sub_code)
+    assert second.status_code == 200  # the fault was for one call only
+    assert gateway_body(sandbox, second, method)["code"] != "20000"
+
+
+def test_a_slow_refund_times_out_and_the_retry_refunds_once(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+    sandbox.faults.arm("alipay", "alipay.trade.refund", FaultKind.SLOW)
+
+    with live_server(mount(sandbox.emulator)) as base_url:
+        config = dataclasses.replace(
+            sandbox.config, gateway_url=f"{base_url}/sandbox/alipay/gateway.do"
+        )
+        with httpx.Client(timeout=0.1) as http:
+            provider = AlipayProvider(config, sandbox.clock, http)
+            with pytest.raises(ProviderUnavailableError, match="unreachable"):
+                provider.refund(refund(300))
+            retried = provider.client.refund("order-0001", "r-0001", 300)
+            more = provider.client.refund("order-0001", "r-0002", 500)
+
+    assert (retried.fund_change, retried.refund_fee) == ("N", "3.00")
+    assert (more.fund_change, more.refund_fee) == ("Y", "8.00")
+
+
+# --- bills ------------------------------------------------------------------------------------
+
+
+def test_the_bill_of_a_day_lists_the_payment_and_the_partial_refund(sandbox: Sandbox) -> None:
+    trade_no = paid_trade(sandbox)  # paid 20:30:30 in Beijing
+    sandbox.clock.at = START + timedelta(minutes=15)
+    sandbox.provider.refund(refund(300))
+    sandbox.clock.at = START + timedelta(hours=12, minutes=30)  # 09:00 the next day
+
+    entries = sandbox.provider.fetch_bill(date(2026, 3, 1))
+
+    assert entries == [
+        BillEntry(BillEntryKind.PAYMENT, "order-0001", trade_no, None, 800, 5,
+                  START + timedelta(seconds=30)),
+        BillEntry(BillEntryKind.REFUND, "order-0001", trade_no, "r-0001", 300, -2,
+                  START + timedelta(minutes=15)),
+    ]  # fmt: skip
+    assert sandbox.provider.fetch_bill(date(2026, 2, 28)) == []
+
+
+def test_todays_bill_does_not_exist_yet_and_the_link_expires(sandbox: Sandbox) -> None:
+    paid_trade(sandbox)
+    today = sandbox.provider.fetch_bill(date(2026, 3, 1))
+    sandbox.clock.at = START + timedelta(days=1)
+    link = sandbox.provider.client.bill_download_url(date(2026, 3, 1)).bill_download_url
+    sandbox.clock.at += timedelta(seconds=31)
+
+    with pytest.raises(ProviderRejectedError) as expired:
+        sandbox.provider.client.download(link)
+
+    assert today == []
+    assert link.startswith("http://testserver/sandbox/alipay/bill/")
+    assert expired.value.status == 404

@@ -5,7 +5,7 @@ from typing import Any
 import httpx
 import pytest
 
-from roompay.services.orders import order_timeline
+from roompay.services.timeline import order_timeline
 from tests.support.devices import device_process
 from tests.support.server import Stack
 from tests.support.waiting import wait_for

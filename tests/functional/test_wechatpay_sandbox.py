@@ -1,8 +1,9 @@
 """WechatPayProvider against the WeChat Pay emulator, through a real FastAPI app."""
 
 import asyncio
+import concurrent.futures
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,10 +15,25 @@ from fastapi import FastAPI
 
 from roompay.domain.catalog import Wallet
 from roompay.payments import crypto
-from roompay.payments.base import QrOrderRequest, TradeState
-from roompay.payments.errors import ProviderRejectedError, ProviderSignatureError
+from roompay.payments.base import (
+    BillEntry,
+    BillEntryKind,
+    QrOrderRequest,
+    RefundOutcome,
+    RefundRequest,
+    RefundState,
+    TradeSnapshot,
+    TradeState,
+)
+from roompay.payments.errors import (
+    ProviderRejectedError,
+    ProviderSignatureError,
+    ProviderUnavailableError,
+    TradeAlreadyPaidError,
+)
 from roompay.payments.wechatpay import WechatPayConfig, WechatPayProvider, wire
 from roompay.payments.wechatpay import constants as c
+from roompay.sandbox.faults import FaultKind, Faults, RefundMode
 from roompay.sandbox.notifier import DeliveryRecord, Notifier
 from roompay.sandbox.wechatpay import WechatPayEmulator
 
@@ -41,7 +57,9 @@ class AppTransport(httpx.BaseTransport):
     """Serve a sync client from an ASGI app running on a blocking portal's event loop.
 
     Plays the role of the test client: the app runs for real on its own loop while the
-    synchronous merchant client calls it through plain httpx.
+    synchronous merchant client calls it through plain httpx. Like a network transport,
+    it honours the request's read timeout: a late answer raises `httpx.ReadTimeout`,
+    and the app's handler is abandoned (whatever it already did stays done).
     """
 
     def __init__(self, app: FastAPI, portal: BlockingPortal) -> None:
@@ -49,7 +67,13 @@ class AppTransport(httpx.BaseTransport):
         self._portal = portal
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self._portal.call(self._send, request)
+        read_timeout = request.extensions.get("timeout", {}).get("read")
+        future = self._portal.start_task_soon(self._send, request)
+        try:
+            return future.result(timeout=read_timeout)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise httpx.ReadTimeout("no answer in time", request=request) from exc
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         response = await self._asgi.handle_async_request(request)
@@ -68,6 +92,7 @@ class Sandbox:
     config: WechatPayConfig
     notifier: Notifier
     received: list[httpx.Request]
+    faults: Faults
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +135,22 @@ def receiver(received: list[httpx.Request], statuses: list[int]) -> httpx.MockTr
 
 
 def build_sandbox(
-    tmp_path: Path, merchant_key_pem: str, statuses: list[int], time_scale: float = 1.0
+    tmp_path: Path,
+    merchant_key_pem: str,
+    statuses: list[int],
+    time_scale: float = 1.0,
+    faults: Faults | None = None,
 ) -> Iterator[Sandbox]:
     clock = FakeClock()
     received: list[httpx.Request] = []
     notifier = Notifier(time_scale=time_scale, transport=receiver(received, statuses))
-    emulator = WechatPayEmulator(tmp_path, clock, notifier)
+    faults = faults if faults is not None else Faults()
+    emulator = WechatPayEmulator(tmp_path, clock, notifier, faults)
     with start_blocking_portal() as portal:
         transport = AppTransport(make_app(emulator), portal)
         with httpx.Client(transport=transport, base_url="http://testserver") as http:
             config = register(http, merchant_key_pem)
-            yield Sandbox(emulator, http, transport, clock, config, notifier, received)
+            yield Sandbox(emulator, http, transport, clock, config, notifier, received, faults)
 
 
 @pytest.fixture
@@ -133,12 +163,16 @@ def provider(sandbox: Sandbox) -> WechatPayProvider:
     return WechatPayProvider(sandbox.config, sandbox.clock, http_client=sandbox.http)
 
 
-def order_request(out_trade_no: str = "T20250520000001", amount_fen: int = 800) -> QrOrderRequest:
+def order_request(
+    out_trade_no: str = "T20250520000001",
+    amount_fen: int = 800,
+    expires_at: datetime = START + timedelta(minutes=5),
+) -> QrOrderRequest:
     return QrOrderRequest(
         out_trade_no=out_trade_no,
         description="Dry 30 min",
         amount_fen=amount_fen,
-        expires_at=START + timedelta(minutes=5),
+        expires_at=expires_at,
         notify_url=NOTIFY_URL,
     )
 
@@ -177,7 +211,7 @@ def test_given_a_registered_merchant_when_creating_an_order_then_a_code_url_come
     assert order.qr_content.startswith("weixin://wxpay/bizpayurl?pr=")
     assert sandbox.emulator.owns_qr(order.qr_content) is True
     assert sandbox.emulator.owns_qr(c.CODE_URL_PREFIX + "unknown") is False
-    assert provider.query_state("T20250520000001") == TradeState.NOT_PAID
+    assert provider.query_trade("T20250520000001").state == TradeState.NOT_PAID
 
 
 def test_registration_answers_exactly_what_a_merchant_needs(sandbox: Sandbox) -> None:
@@ -347,7 +381,7 @@ def test_a_request_whose_body_was_altered_is_sign_error(sandbox: Sandbox) -> Non
     assert response.status_code == 401
     assert response.json() == {"code": "SIGN_ERROR", "message": "signature does not verify"}
     provider = WechatPayProvider(sandbox.config, sandbox.clock, http_client=sandbox.http)
-    assert provider.query_state("T20250520000001") == TradeState.NOT_FOUND
+    assert provider.query_trade("T20250520000001").state == TradeState.NOT_FOUND
 
 
 @pytest.mark.parametrize(("skew_s", "status"), [(-301, 401), (-299, 200), (299, 200), (301, 401)])
@@ -437,14 +471,14 @@ def test_a_response_signed_more_than_300_s_off_the_client_clock_is_refused(
     provider = WechatPayProvider(sandbox.config, FakeClock(START), http_client=sandbox.http)
 
     with pytest.raises(ProviderSignatureError, match="301 s away from now"):
-        provider.query_state("T20250520000001")
+        provider.query_trade("T20250520000001")
 
 
 # --- query and close --------------------------------------------------------------------
 
 
 def test_querying_an_unknown_order_is_not_found(provider: WechatPayProvider) -> None:
-    assert provider.query_state("T20250520099999") == TradeState.NOT_FOUND
+    assert provider.query_trade("T20250520099999").state == TradeState.NOT_FOUND
 
 
 def test_closing_an_unpaid_order_answers_204_then_it_is_closed(
@@ -456,7 +490,7 @@ def test_closing_an_unpaid_order_answers_204_then_it_is_closed(
 
     transaction = provider.client.query_order("T20250520000001")
     assert (transaction.trade_state, transaction.trade_state_desc) == ("CLOSED", "订单已关闭")
-    provider.close_order("T20250520000001")  # closing again is not an error for us
+    provider.close_trade("T20250520000001")  # closing again is not an error for us
 
 
 def test_closing_an_unknown_order_is_order_not_exist(provider: WechatPayProvider) -> None:
@@ -527,7 +561,7 @@ def test_a_paid_order_queries_as_success_with_the_payment_details(
     assert transaction.amount.payer_total == 800
     assert transaction.payer is not None
     assert transaction.payer.openid is not None
-    assert provider.query_state("T20250520000001") == TradeState.SUCCESS
+    assert provider.query_trade("T20250520000001").state == TradeState.SUCCESS
 
 
 def test_guest_pay_refuses_an_unknown_a_paid_and_an_expired_code(
@@ -549,7 +583,7 @@ def test_guest_pay_refuses_an_unknown_a_paid_and_an_expired_code(
 
 def test_guest_pay_refuses_a_closed_order(sandbox: Sandbox, provider: WechatPayProvider) -> None:
     order = provider.create_qr_order(order_request())
-    provider.close_order("T20250520000001")
+    provider.close_trade("T20250520000001")
 
     with pytest.raises(ValueError, match="closed"):
         asyncio.run(sandbox.emulator.guest_pay(order.qr_content))
@@ -569,3 +603,508 @@ def test_a_notify_answered_with_500_is_sent_again_on_the_scaled_schedule(
         record = sandbox.notifier.records[0]
         assert (record.attempts, record.delivered, record.last_status) == (2, True, 204)
         assert [r.content for r in sandbox.received] == [sandbox.received[0].content] * 2
+
+
+# --- query_trade and close_trade --------------------------------------------------------
+
+T1 = "T20250520000001"
+
+
+def paid_order(
+    sandbox: Sandbox, provider: WechatPayProvider, out_trade_no: str = T1, amount_fen: int = 800
+) -> str:
+    """Create an order, let the guest pay it now, and return its transaction_id."""
+    expires_at = sandbox.clock.now() + timedelta(minutes=5)
+    order = provider.create_qr_order(order_request(out_trade_no, amount_fen, expires_at))
+    return pay(sandbox, order.qr_content)["transaction_id"]
+
+
+def test_query_trade_tells_not_found_then_not_paid_then_success_with_the_payment(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    before = provider.query_trade(T1)
+    provider.create_qr_order(order_request())
+    unpaid = provider.query_trade(T1)
+    sandbox.clock.current = START + timedelta(minutes=1)
+    transaction_id = pay(sandbox, provider.create_qr_order(order_request()).qr_content)[
+        "transaction_id"
+    ]
+
+    paid = provider.query_trade(T1)
+
+    assert before == TradeSnapshot(T1, TradeState.NOT_FOUND, None, None, None)
+    assert unpaid == TradeSnapshot(T1, TradeState.NOT_PAID, 800, None, None)
+    assert paid == TradeSnapshot(
+        T1, TradeState.SUCCESS, 800, transaction_id, START + timedelta(minutes=1)
+    )
+    assert paid.paid_at is not None
+    assert paid.paid_at.tzinfo == UTC
+
+
+def test_close_trade_is_idempotent_for_closed_and_unknown_trades(
+    provider: WechatPayProvider,
+) -> None:
+    provider.create_qr_order(order_request())
+
+    provider.close_trade(T1)
+    provider.close_trade(T1)
+    provider.close_trade("T20250520099999")
+
+    assert provider.query_trade(T1).state == TradeState.CLOSED
+    assert provider.query_trade("T20250520099999").state == TradeState.NOT_FOUND
+
+
+def test_close_trade_after_payment_raises_trade_already_paid_and_changes_nothing(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    transaction_id = paid_order(sandbox, provider)
+
+    with pytest.raises(TradeAlreadyPaidError) as caught:
+        provider.close_trade(T1)
+
+    assert (caught.value.code, caught.value.status) == ("ORDERPAID", 400)
+    assert provider.query_trade(T1) == TradeSnapshot(
+        T1, TradeState.SUCCESS, 800, transaction_id, START
+    )
+
+
+# --- refunds ----------------------------------------------------------------------------
+
+
+def refund_request(
+    refund_key: str, amount_fen: int, total_fen: int = 800, out_trade_no: str = T1
+) -> RefundRequest:
+    return RefundRequest(
+        out_trade_no=out_trade_no,
+        refund_key=refund_key,
+        amount_fen=amount_fen,
+        total_fen=total_fen,
+        reason="The dryer did not start",
+    )
+
+
+def assert_refund_id_shape(outcome: RefundOutcome) -> str:
+    refund_id = outcome.provider_refund_id
+    assert refund_id is not None
+    assert (len(refund_id), refund_id[:2], refund_id[12:20]) == (29, "50", "20250520")
+    assert refund_id.isdigit()
+    return refund_id
+
+
+def test_a_full_refund_succeeds_at_once_and_the_trade_turns_refunded(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    transaction_id = paid_order(sandbox, provider)
+    sandbox.clock.current = START + timedelta(minutes=3)
+
+    outcome = provider.refund(refund_request("R20250520000001", 800))
+
+    refund_id = assert_refund_id_shape(outcome)
+    assert outcome == RefundOutcome("R20250520000001", RefundState.SUCCESS, 800, refund_id)
+    assert provider.query_refund(T1, "R20250520000001") == outcome
+    assert provider.query_trade(T1) == TradeSnapshot(
+        T1, TradeState.REFUNDED, 800, transaction_id, START
+    )
+    refund = provider.client.query_refund("R20250520000001")
+    assert (refund.status, refund.success_time, refund.create_time) == (
+        "SUCCESS",
+        START + timedelta(minutes=3),
+        START + timedelta(minutes=3),
+    )
+    assert (refund.amount.total, refund.amount.refund, refund.transaction_id) == (
+        800,
+        800,
+        transaction_id,
+    )
+
+
+def test_partial_refunds_add_up_to_the_total_and_no_further(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    paid_order(sandbox, provider)
+
+    first = provider.refund(refund_request("R1", 300))
+    second = provider.refund(refund_request("R2", 500))
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(refund_request("R3", 1))
+
+    assert (first.state, first.amount_fen, second.state, second.amount_fen) == (
+        RefundState.SUCCESS,
+        300,
+        RefundState.SUCCESS,
+        500,
+    )
+    assert (caught.value.code, caught.value.status) == ("NOT_ENOUGH", 403)
+    assert provider.query_refund(T1, "R3") == RefundOutcome("R3", RefundState.NOT_FOUND, 0, None)
+
+
+def test_the_same_refund_key_twice_refunds_once(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    paid_order(sandbox, provider)
+
+    first = provider.refund(refund_request("R1", 500))
+    again = provider.refund(refund_request("R1", 500))
+
+    assert again == first
+    # Were it counted twice, nothing would be left; 300 fen are.
+    with pytest.raises(ProviderRejectedError, match="NOT_ENOUGH"):
+        provider.refund(refund_request("R2", 301))
+    assert provider.refund(refund_request("R2", 300)).state == RefundState.SUCCESS
+
+
+def test_the_same_refund_key_with_another_amount_is_invalid_request(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    paid_order(sandbox, provider)
+    provider.refund(refund_request("R1", 500))
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(refund_request("R1", 400))
+
+    assert (caught.value.code, caught.value.status) == ("INVALID_REQUEST", 400)
+
+
+def test_refunding_more_than_the_total_is_not_enough_and_refunds_nothing(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    paid_order(sandbox, provider)
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(refund_request("R1", 801))
+
+    assert (caught.value.code, caught.value.status) == ("NOT_ENOUGH", 403)
+    assert provider.query_refund(T1, "R1").state == RefundState.NOT_FOUND
+    assert provider.query_trade(T1).state == TradeState.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "status"),
+    [
+        (refund_request("R1", 100, out_trade_no="T20250520099999"), "RESOURCE_NOT_EXISTS", 404),
+        (refund_request("R1", 100, total_fen=900), "PARAM_ERROR", 400),
+        (refund_request("R 1", 100), "PARAM_ERROR", 400),
+        (refund_request("R" * 65, 100), "PARAM_ERROR", 400),
+        (refund_request("R1", 0), "PARAM_ERROR", 400),
+    ],
+)
+def test_an_invalid_refund_is_rejected(
+    sandbox: Sandbox,
+    provider: WechatPayProvider,
+    request_: RefundRequest,
+    code: str,
+    status: int,
+) -> None:
+    paid_order(sandbox, provider)
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(request_)
+
+    assert (caught.value.code, caught.value.status) == (code, status)
+    assert provider.query_trade(T1).state == TradeState.SUCCESS
+
+
+def test_refunding_an_unpaid_trade_is_invalid_request(provider: WechatPayProvider) -> None:
+    provider.create_qr_order(order_request())
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(refund_request("R1", 800))
+
+    assert (caught.value.code, caught.value.message, caught.value.status) == (
+        "INVALID_REQUEST",
+        "trade not paid",
+        400,
+    )
+
+
+def test_a_processing_refund_succeeds_after_the_configured_number_of_queries(
+    tmp_path: Path, merchant_key_pem: str
+) -> None:
+    faults = Faults(processing_queries=2)
+    faults.refund_mode["wechatpay"] = RefundMode.PROCESSING
+    for sandbox in build_sandbox(tmp_path, merchant_key_pem, statuses=[], faults=faults):
+        provider = WechatPayProvider(sandbox.config, sandbox.clock, http_client=sandbox.http)
+        paid_order(sandbox, provider)
+
+        accepted = provider.refund(refund_request("R1", 800))
+        trade_while_processing = provider.query_trade(T1).state
+        sandbox.clock.current = START + timedelta(minutes=1)
+        first_query = provider.query_refund(T1, "R1")
+        sandbox.clock.current = START + timedelta(minutes=2)
+        second_query = provider.query_refund(T1, "R1")
+        third_query = provider.query_refund(T1, "R1")
+
+        assert (accepted.state, trade_while_processing) == (
+            RefundState.PROCESSING,
+            TradeState.SUCCESS,
+        )
+        assert (first_query.state, second_query.state, third_query.state) == (
+            RefundState.PROCESSING,
+            RefundState.SUCCESS,
+            RefundState.SUCCESS,
+        )
+        assert second_query == third_query
+        assert second_query.provider_refund_id == accepted.provider_refund_id
+        assert provider.query_trade(T1).state == TradeState.REFUNDED
+        assert provider.client.query_refund("R1").success_time == START + timedelta(minutes=2)
+
+
+def test_an_abnormal_refund_stays_abnormal_and_the_trade_stays_paid(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    sandbox.faults.refund_mode["wechatpay"] = RefundMode.ABNORMAL
+    paid_order(sandbox, provider)
+
+    accepted = provider.refund(refund_request("R1", 800))
+    queried = provider.query_refund(T1, "R1")
+
+    assert (accepted.state, queried) == (RefundState.ABNORMAL, accepted)
+    assert provider.query_trade(T1).state == TradeState.SUCCESS
+    # No refund line in the bill for money that did not go back.
+    assert [entry.kind for entry in provider.fetch_bill(START.date())] == [BillEntryKind.PAYMENT]
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+class Recorder(httpx.BaseTransport):
+    """Pass requests to the sandbox and keep each raw answer."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+        self.responses: list[httpx.Response] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        self.responses.append(response)
+        return response
+
+
+def test_a_system_error_is_a_signed_500_and_a_bare_500_is_unsigned(
+    sandbox: Sandbox,
+) -> None:
+    recorder = Recorder(sandbox.transport)
+    provider = WechatPayProvider(sandbox.config, sandbox.clock, transport=recorder)
+    sandbox.faults.arm("wechatpay", "query", FaultKind.SYSTEM_ERROR)
+    sandbox.faults.arm("wechatpay", "query", FaultKind.HTTP_500)
+
+    with pytest.raises(ProviderUnavailableError, match="HTTP 500"):
+        provider.query_trade(T1)
+    with pytest.raises(ProviderUnavailableError, match="HTTP 500"):
+        provider.query_trade(T1)
+    provider.close()
+
+    system_error, bare = recorder.responses
+    assert (system_error.status_code, system_error.json()) == (
+        500,
+        {"code": "SYSTEM_ERROR", "message": "系统错误"},
+    )
+    platform_key = crypto.load_public_key(sandbox.config.platform_public_key_pem)
+    wire.verify_platform_signature(
+        wire.lower_keys(system_error.headers),
+        system_error.content,
+        {sandbox.config.platform_public_key_id: platform_key},
+        sandbox.clock.now(),
+    )
+    assert (bare.status_code, bare.text) == (500, "Internal Server Error")
+    assert "wechatpay-signature" not in bare.headers
+
+
+@pytest.mark.parametrize("kind", [FaultKind.SYSTEM_ERROR, FaultKind.HTTP_500])
+def test_a_failed_order_creation_created_nothing(
+    sandbox: Sandbox, provider: WechatPayProvider, kind: FaultKind
+) -> None:
+    sandbox.faults.arm("wechatpay", "native", kind)
+
+    with pytest.raises(ProviderUnavailableError):
+        provider.create_qr_order(order_request())
+
+    assert provider.query_trade(T1).state == TradeState.NOT_FOUND
+
+
+@pytest.mark.parametrize("kind", [FaultKind.SYSTEM_ERROR, FaultKind.HTTP_500])
+def test_a_failed_close_closed_nothing(
+    sandbox: Sandbox, provider: WechatPayProvider, kind: FaultKind
+) -> None:
+    provider.create_qr_order(order_request())
+    sandbox.faults.arm("wechatpay", "close", kind)
+
+    with pytest.raises(ProviderUnavailableError):
+        provider.close_trade(T1)
+
+    assert provider.query_trade(T1).state == TradeState.NOT_PAID
+
+
+@pytest.mark.parametrize("kind", [FaultKind.SYSTEM_ERROR, FaultKind.HTTP_500])
+def test_a_failed_refund_refunded_nothing_and_the_same_key_then_works(
+    sandbox: Sandbox, provider: WechatPayProvider, kind: FaultKind
+) -> None:
+    paid_order(sandbox, provider)
+    sandbox.faults.arm("wechatpay", "refund", kind)
+
+    with pytest.raises(ProviderUnavailableError):
+        provider.refund(refund_request("R1", 800))
+    not_yet = provider.query_refund(T1, "R1")
+    retried = provider.refund(refund_request("R1", 800))
+
+    assert not_yet == RefundOutcome("R1", RefundState.NOT_FOUND, 0, None)
+    assert (retried.state, retried.amount_fen) == (RefundState.SUCCESS, 800)
+
+
+@pytest.mark.parametrize(
+    ("operation", "call"),
+    [
+        ("refund_query", lambda provider: provider.query_refund(T1, "R1")),
+        ("tradebill", lambda provider: provider.fetch_bill(START.date())),
+    ],
+)
+@pytest.mark.parametrize("kind", [FaultKind.SYSTEM_ERROR, FaultKind.HTTP_500])
+def test_failed_reads_are_unavailable(
+    sandbox: Sandbox,
+    provider: WechatPayProvider,
+    kind: FaultKind,
+    operation: str,
+    call: Callable[[WechatPayProvider], object],
+) -> None:
+    paid_order(sandbox, provider)
+    provider.refund(refund_request("R1", 800))
+    sandbox.faults.arm("wechatpay", operation, kind)
+
+    with pytest.raises(ProviderUnavailableError):
+        call(provider)
+
+    assert provider.query_refund(T1, "R1").state == RefundState.SUCCESS  # the fault is used up
+
+
+def test_a_slow_refund_times_out_and_the_retry_with_the_same_key_refunds_once(
+    tmp_path: Path, merchant_key_pem: str
+) -> None:
+    faults = Faults(slow_s=1.0)
+    for sandbox in build_sandbox(tmp_path, merchant_key_pem, statuses=[], faults=faults):
+        provider = WechatPayProvider(
+            sandbox.config, sandbox.clock, http_client=sandbox.http, timeout_s=0.2
+        )
+        paid_order(sandbox, provider)
+        faults.arm("wechatpay", "refund", FaultKind.SLOW)
+
+        with pytest.raises(ProviderUnavailableError, match="ReadTimeout"):
+            provider.refund(refund_request("R1", 500))
+        retried = provider.refund(refund_request("R1", 500))
+
+        assert (retried.state, retried.amount_fen) == (RefundState.SUCCESS, 500)
+        assert provider.query_refund(T1, "R1") == retried
+        # 500 of 800 refunded once: 300 are left, not 0 and not 800.
+        with pytest.raises(ProviderRejectedError, match="NOT_ENOUGH"):
+            provider.refund(refund_request("R2", 301))
+        assert provider.refund(refund_request("R2", 300)).state == RefundState.SUCCESS
+
+
+def test_a_slow_order_creation_times_out_and_the_retry_returns_the_same_code_url(
+    tmp_path: Path, merchant_key_pem: str
+) -> None:
+    faults = Faults(slow_s=1.0)
+    for sandbox in build_sandbox(tmp_path, merchant_key_pem, statuses=[], faults=faults):
+        provider = WechatPayProvider(
+            sandbox.config, sandbox.clock, http_client=sandbox.http, timeout_s=0.2
+        )
+        faults.arm("wechatpay", "native", FaultKind.SLOW)
+
+        with pytest.raises(ProviderUnavailableError, match="ReadTimeout"):
+            provider.create_qr_order(order_request())
+        retried = provider.create_qr_order(order_request())
+
+        assert sandbox.emulator.owns_qr(retried.qr_content) is True
+        assert provider.query_trade(T1).state == TradeState.NOT_PAID
+
+
+# --- the trade bill -----------------------------------------------------------------------
+
+
+def test_the_bill_of_a_day_lists_its_payments_and_refunds_exactly(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    sandbox.clock.current = START + timedelta(minutes=1)
+    first = paid_order(sandbox, provider, T1, 800)
+    sandbox.clock.current = START + timedelta(minutes=2)
+    second = paid_order(sandbox, provider, "T20250520000002", 500)
+    sandbox.clock.current = START + timedelta(minutes=10)
+    refund = provider.refund(refund_request("R20250520000001", 300))
+    sandbox.clock.current = START + timedelta(days=1)
+    paid_order(sandbox, provider, "T20250521000001", 100)  # the next day's bill
+
+    entries = provider.fetch_bill(START.date())
+
+    assert entries == [
+        BillEntry(BillEntryKind.PAYMENT, T1, first, None, 800, 5, START + timedelta(minutes=1)),
+        BillEntry(
+            BillEntryKind.PAYMENT,
+            "T20250520000002",
+            second,
+            None,
+            500,
+            3,
+            START + timedelta(minutes=2),
+        ),
+        BillEntry(
+            BillEntryKind.REFUND,
+            T1,
+            first,
+            "R20250520000001",
+            300,
+            -2,
+            START + timedelta(minutes=10),
+        ),
+    ]
+    bill = provider.client.trade_bill(START.date())
+    lines = provider.client.download_bill(bill).decode().split("\r\n")
+    assert lines[0] == ",".join(c.TRADE_BILL_ALL_COLUMNS)
+    assert lines[3].split(",`")[13:20] == [
+        "0.00",  # 代金券金额
+        refund.provider_refund_id,
+        "R20250520000001",
+        "3.00",
+        "0.00",
+        "ORIGINAL",
+        "SUCCESS",
+    ]
+    assert lines[4:] == [
+        "总交易单数,应结订单总金额,退款总金额,充值券退款总金额,手续费总金额,订单总金额,申请退款总金额",
+        "`3,`13.00,`3.00,`0.00,`0.06,`13.00,`3.00",
+        "",
+    ]
+
+
+def test_a_day_without_trades_has_no_bill(sandbox: Sandbox, provider: WechatPayProvider) -> None:
+    paid_order(sandbox, provider)
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.client.trade_bill(START.date() - timedelta(days=1))
+
+    assert (caught.value.code, caught.value.status) == ("NO_STATEMENT_EXIST", 400)
+    assert provider.fetch_bill(START.date() - timedelta(days=1)) == []
+
+
+def test_a_bill_download_with_an_unknown_token_is_invalid_request(
+    provider: WechatPayProvider,
+) -> None:
+    bill = wire.TradeBillResponse(
+        hash_type="SHA1",
+        hash_value="0" * 40,
+        download_url=f"{BASE_URL}/v3/billdownload/file?token=unknown",
+    )
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.client.download_bill(bill)
+
+    assert (caught.value.code, caught.value.status) == ("INVALID_REQUEST", 400)
+
+
+def test_the_download_url_is_absolute_under_the_gateway_base(
+    sandbox: Sandbox, provider: WechatPayProvider
+) -> None:
+    paid_order(sandbox, provider)
+
+    bill = provider.client.trade_bill(START.date())
+
+    assert bill.download_url.startswith(f"{BASE_URL}/v3/billdownload/file?token=")
+    assert bill.hash_type == "SHA1"

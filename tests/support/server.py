@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 from sqlalchemy import text
 
+from roompay.clock import OffsetClock
 from roompay.demo import sandbox_merchant_settings
 from roompay.payments.factory import build_providers
 from roompay.runtime import Runtime
@@ -49,8 +50,14 @@ class TamperingTransport(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self._inner = httpx.AsyncHTTPTransport()
         self.tamper: Callable[[httpx.Request], httpx.Request] | None = None
+        # When set, notifies are held here instead of sent (the provider sees a 503).
+        self.held: list[httpx.Request] | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.held is not None:
+            await request.aread()
+            self.held.append(request)
+            return httpx.Response(503, request=request)
         if self.tamper is not None:
             request = self.tamper(request)
         return await self._inner.handle_async_request(request)
@@ -71,6 +78,7 @@ class Stack:
     """A running server with its sandbox, and the hotel the test placed devices in."""
 
     runtime: Runtime
+    clock: OffsetClock
     base_url: str
     mqtt_url: str
     device_codes: list[str]
@@ -120,16 +128,23 @@ def running_stack(
     database_url: str,
     mqtt_url: str,
     devices: int = 4,
+    *,
+    with_workers: bool = True,
     **overrides: object,
 ) -> Iterator[Stack]:
-    """Start a server with the sandbox on a free port; stop it afterwards."""
+    """Start a server with the sandbox on a free port; stop it afterwards.
+
+    Without workers the app serves HTTP only: no MQTT link, no background jobs, so a
+    test can drive every service step itself.
+    """
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     sandbox_dir = work_dir / "sandbox"
     shutil.copytree(keys_dir / "sandbox", sandbox_dir)
     wire = TamperingTransport()
     time_scale = float(overrides.pop("sandbox_time_scale", 1000.0))  # type: ignore[arg-type]
-    sandbox = Sandbox(sandbox_dir, time_scale=time_scale, notify_transport=wire)
+    clock = OffsetClock()
+    sandbox = Sandbox(sandbox_dir, clock=clock, time_scale=time_scale, notify_transport=wire)
     merchant = sandbox_merchant_settings(keys_dir / "merchant", sandbox, base_url)
     merchant |= {
         "wechat_base_url": f"{base_url}/sandbox/wechatpay",
@@ -147,12 +162,16 @@ def running_stack(
             **overrides,
         }
     )
-    runtime = Runtime(settings, build_providers(settings), sandbox=sandbox)
+    runtime = Runtime(settings, build_providers(settings, clock), clock=clock, sandbox=sandbox)
     wipe(runtime)
     codes = seed_hotel(runtime, devices, prefix=uuid.uuid4().hex[:4].upper())
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(runtime), host="127.0.0.1", port=port, log_config=None, access_log=False
+            create_app(runtime, manage_runtime=with_workers),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)
@@ -163,7 +182,8 @@ def running_stack(
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield Stack(runtime, base_url, runtime.mqtt_endpoint_url(), codes, wire)
+        mqtt = runtime.mqtt_endpoint_url() if with_workers else mqtt_url
+        yield Stack(runtime, clock, base_url, mqtt, codes, wire)
     finally:
         server.should_exit = True
         thread.join(timeout=15)

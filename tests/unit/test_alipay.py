@@ -1,9 +1,11 @@
 """Alipay RSA2 signing, response extraction, notify verification and the adapter's mapping."""
 
+import io
 import json
+import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
@@ -21,7 +23,18 @@ from roompay.payments.alipay.client import (
 )
 from roompay.payments.alipay.constants import TradeStatus
 from roompay.payments.alipay.notify import notify_sign_content, verify_notify
-from roompay.payments.base import NotifyReply, PaymentProvider, QrOrderRequest, TradeState
+from roompay.payments.base import (
+    BillEntry,
+    BillEntryKind,
+    NotifyReply,
+    PaymentProvider,
+    QrOrderRequest,
+    RefundOutcome,
+    RefundRequest,
+    RefundState,
+    TradeSnapshot,
+    TradeState,
+)
 from roompay.payments.crypto import (
     generate_private_key,
     private_key_pem,
@@ -34,6 +47,7 @@ from roompay.payments.errors import (
     ProviderRejectedError,
     ProviderSignatureError,
     ProviderUnavailableError,
+    TradeAlreadyPaidError,
 )
 
 NOW = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)  # 20:30 in Beijing
@@ -284,7 +298,7 @@ def test_business_failure_becomes_provider_rejected_with_sub_code(keys: Keys) ->
         provider.client.query_order("a1")
 
     assert (caught.value.code, caught.value.message) == ("ACQ.TRADE_NOT_EXIST", "交易不存在")
-    assert provider.query_order("a1") is TradeState.NOT_FOUND
+    assert provider.query_trade("a1") == TradeSnapshot("a1", TradeState.NOT_FOUND, None, None, None)
 
 
 def test_signed_error_response_becomes_provider_rejected(keys: Keys) -> None:
@@ -495,3 +509,266 @@ def test_alipay_provider_is_a_payment_provider(keys: Keys) -> None:
 
     assert provider.wallet is Wallet.ALIPAY
     alipay.close()
+
+
+# --- query, close, refund, refund query and bill through the adapter ------------------------
+
+
+@dataclass
+class ScriptedGateway:
+    """Answers each gateway method from a script of inner objects, signed by Alipay's key."""
+
+    keys: Keys
+    script: dict[str, list[dict[str, str]]]
+    files: dict[str, bytes] = field(default_factory=dict)
+    seen: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            self.seen.append(("GET " + str(request.url), {}))
+            return httpx.Response(200, content=self.files[str(request.url)])
+        method = request.url.params["method"]
+        biz = json.loads(dict(parse_qsl(request.content.decode()))["biz_content"])
+        self.seen.append((method, biz))
+        inner = json.dumps(self.script[method].pop(0), ensure_ascii=False, separators=(",", ":"))
+        name = method.replace(".", "_") + "_response"
+        return httpx.Response(200, text=signed_response_text(self.keys.alipay, name, inner))
+
+
+def scripted(keys: Keys, **script: list[dict[str, str]]) -> tuple[AlipayProvider, ScriptedGateway]:
+    gateway = ScriptedGateway(keys, {k.replace("_", "."): v for k, v in script.items()})
+    http = httpx.Client(transport=httpx.MockTransport(gateway))
+    return AlipayProvider(make_config(keys), FixedClock(), http), gateway
+
+
+OK = {"code": "10000", "msg": "Success"}
+TRADE = {**OK, "trade_no": "2026030122001400000000000001", "out_trade_no": "a1",
+         "total_amount": "8.00"}  # fmt: skip
+
+
+def failure(sub_code: str, code: str = "40004") -> dict[str, str]:
+    return {"code": code, "msg": "Business Failed", "sub_code": sub_code, "sub_msg": sub_code}
+
+
+@pytest.mark.parametrize(
+    ("answer", "snapshot"),
+    [
+        (failure("ACQ.TRADE_NOT_EXIST"),
+         TradeSnapshot("a1", TradeState.NOT_FOUND, None, None, None)),
+        (
+            {**TRADE, "trade_status": "WAIT_BUYER_PAY"},
+            TradeSnapshot("a1", TradeState.NOT_PAID, 800, "2026030122001400000000000001", None),
+        ),
+        (
+            {**TRADE, "trade_status": "TRADE_SUCCESS", "send_pay_date": "2026-03-01 20:31:05"},
+            TradeSnapshot("a1", TradeState.SUCCESS, 800, "2026030122001400000000000001",
+                          datetime(2026, 3, 1, 12, 31, 5, tzinfo=UTC)),
+        ),
+        (
+            {**TRADE, "trade_status": "TRADE_FINISHED", "send_pay_date": "2026-03-01 20:31:05"},
+            TradeSnapshot("a1", TradeState.SUCCESS, 800, "2026030122001400000000000001",
+                          datetime(2026, 3, 1, 12, 31, 5, tzinfo=UTC)),
+        ),
+        (
+            {**TRADE, "trade_status": "TRADE_CLOSED"},
+            TradeSnapshot("a1", TradeState.CLOSED, 800, "2026030122001400000000000001", None),
+        ),
+    ],
+)  # fmt: skip
+def test_query_trade_maps_status_amount_and_pay_date(
+    keys: Keys, answer: dict[str, str], snapshot: TradeSnapshot
+) -> None:
+    provider, gateway = scripted(keys, alipay_trade_query=[answer])
+
+    assert provider.query_trade("a1") == snapshot
+    assert gateway.seen == [("alipay.trade.query", {"out_trade_no": "a1"})]
+
+
+def test_query_trade_refuses_an_answer_about_another_trade(keys: Keys) -> None:
+    answer = {**TRADE, "out_trade_no": "a2", "trade_status": "TRADE_SUCCESS"}
+    provider, _ = scripted(keys, alipay_trade_query=[answer])
+
+    with pytest.raises(ProviderRejectedError, match="asked about a1, got a2"):
+        provider.query_trade("a1")
+
+
+@pytest.mark.parametrize(
+    ("close", "query"),
+    [
+        ([OK | {"trade_no": "t", "out_trade_no": "a1"}], []),
+        ([failure("ACQ.TRADE_NOT_EXIST")], []),
+        ([failure("ACQ.TRADE_STATUS_ERROR")], [{**TRADE, "trade_status": "TRADE_CLOSED"}]),
+    ],
+    ids=["closed-now", "never-scanned", "already-closed"],
+)
+def test_close_trade_is_idempotent(
+    keys: Keys, close: list[dict[str, str]], query: list[dict[str, str]]
+) -> None:
+    expected = ["alipay.trade.close"] + ["alipay.trade.query"] * len(query)
+    provider, gateway = scripted(keys, alipay_trade_close=close, alipay_trade_query=query)
+
+    provider.close_trade("a1")
+
+    assert [method for method, _ in gateway.seen] == expected
+
+
+@pytest.mark.parametrize(
+    "paid",
+    [
+        {**TRADE, "trade_status": "TRADE_SUCCESS", "send_pay_date": "2026-03-01 20:31:05"},
+        {**TRADE, "trade_status": "TRADE_CLOSED", "send_pay_date": "2026-03-01 20:31:05"},
+    ],
+    ids=["paid", "paid-then-fully-refunded"],
+)
+def test_closing_a_paid_trade_raises_trade_already_paid(keys: Keys, paid: dict[str, str]) -> None:
+    provider, _ = scripted(
+        keys, alipay_trade_close=[failure("ACQ.TRADE_STATUS_ERROR")], alipay_trade_query=[paid]
+    )
+
+    with pytest.raises(TradeAlreadyPaidError) as caught:
+        provider.close_trade("a1")
+
+    assert caught.value.code == "ACQ.TRADE_STATUS_ERROR"
+
+
+def refund_request(amount_fen: int = 300, key: str = "r-0001") -> RefundRequest:
+    return RefundRequest("a1", key, amount_fen, 800, "machine did not start")
+
+
+REFUNDED = {**OK, "trade_no": "2026030122001400000000000001", "out_trade_no": "a1",
+            "buyer_logon_id": "gue***@example.com", "refund_fee": "5.00",
+            "gmt_refund_pay": "2026-03-01 20:45:00", "send_back_fee": "3.00"}  # fmt: skip
+
+
+@pytest.mark.parametrize("fund_change", ["Y", "N"])
+def test_refund_sends_the_key_as_out_request_no_and_succeeds_at_once(
+    keys: Keys, fund_change: str
+) -> None:
+    provider, gateway = scripted(
+        keys, alipay_trade_refund=[{**REFUNDED, "fund_change": fund_change}]
+    )
+
+    outcome = provider.refund(refund_request())
+
+    # amount_fen is this refund's, not the cumulative refund_fee of 5.00.
+    assert outcome == RefundOutcome("r-0001", RefundState.SUCCESS, 300, None)
+    assert gateway.seen == [
+        (
+            "alipay.trade.refund",
+            {"out_trade_no": "a1", "out_request_no": "r-0001", "refund_amount": "3.00",
+             "refund_reason": "machine did not start"},
+        )
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "code"),
+    [
+        (failure("ACQ.SYSTEM_ERROR"), ProviderUnavailableError, None),
+        (failure("isp.unknow-error", code="20000"), ProviderUnavailableError, None),
+        (failure("ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"), ProviderRejectedError,
+         "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"),
+        (failure("ACQ.TRADE_STATUS_ERROR"), ProviderRejectedError, "ACQ.TRADE_STATUS_ERROR"),
+        (failure("ACQ.DISCORDANT_REPEAT_REQUEST"), ProviderRejectedError,
+         "ACQ.DISCORDANT_REPEAT_REQUEST"),
+        (failure("ACQ.SELLER_BALANCE_NOT_ENOUGH"), ProviderRejectedError,
+         "ACQ.SELLER_BALANCE_NOT_ENOUGH"),
+    ],
+)  # fmt: skip
+def test_refund_failures_are_translated(
+    keys: Keys, answer: dict[str, str], error: type[Exception], code: str | None
+) -> None:
+    provider, _ = scripted(keys, alipay_trade_refund=[answer])
+
+    with pytest.raises(error) as caught:
+        provider.refund(refund_request())
+
+    if code is not None:
+        assert isinstance(caught.value, ProviderRejectedError)
+        assert caught.value.code == code
+
+
+@pytest.mark.parametrize(("amount", "key"), [(0, "r-1"), (801, "r-1"), (300, ""), (300, "k" * 65)])
+def test_impossible_refunds_are_never_sent(keys: Keys, amount: int, key: str) -> None:
+    provider, gateway = scripted(keys)
+
+    with pytest.raises(ValueError, match="refund"):
+        provider.refund(refund_request(amount, key))
+
+    assert gateway.seen == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (
+            {**OK, "out_trade_no": "a1", "out_request_no": "r-0001", "total_amount": "8.00",
+             "refund_amount": "3.00", "refund_status": "REFUND_SUCCESS"},
+            RefundOutcome("r-0001", RefundState.SUCCESS, 300, None),
+        ),
+        (
+            {**OK, "out_trade_no": "a1", "out_request_no": "r-0001", "refund_amount": "3.00"},
+            RefundOutcome("r-0001", RefundState.SUCCESS, 300, None),
+        ),
+        (
+            {**OK, "trade_no": "2026030122001400000000000001", "out_trade_no": "a1"},
+            RefundOutcome("r-0001", RefundState.NOT_FOUND, 0, None),
+        ),
+        (failure("ACQ.TRADE_NOT_EXIST"), RefundOutcome("r-0001", RefundState.NOT_FOUND, 0, None)),
+    ],
+    ids=["refund-success", "older-answer-without-status", "no-refund-data", "no-trade"],
+)  # fmt: skip
+def test_query_refund_maps_refund_data(
+    keys: Keys, answer: dict[str, str], outcome: RefundOutcome
+) -> None:
+    provider, gateway = scripted(keys, alipay_trade_fastpay_refund_query=[answer])
+
+    assert provider.query_refund("a1", "r-0001") == outcome
+    assert gateway.seen == [
+        (
+            "alipay.trade.fastpay.refund.query",
+            {"out_trade_no": "a1", "out_request_no": "r-0001", "query_options": ["gmt_refund_pay"]},
+        )
+    ]
+
+
+def test_fetch_bill_follows_the_link_and_parses_the_zip(keys: Keys) -> None:
+    url = "https://dwbillcenter.example.test/downloadBillFile.resource?token=abc"
+    provider, gateway = scripted(
+        keys, alipay_data_dataservice_bill_downloadurl_query=[{**OK, "bill_download_url": url}]
+    )
+    gateway.files[url] = zip_of_detail(
+        "支付宝交易号,商户订单号,业务类型,完成时间,订单金额（元）,退款批次号/请求号,服务费（元）\r\n"
+        "t-1\t,o-1\t,交易,2026-03-01 08:00:00,8.00,,-0.05\r\n"
+    )
+
+    entries = provider.fetch_bill(date(2026, 3, 1))
+
+    assert entries == [
+        BillEntry(BillEntryKind.PAYMENT, "o-1", "t-1", None, 800, 5,
+                  datetime(2026, 3, 1, 0, 0, tzinfo=UTC))
+    ]  # fmt: skip
+    assert gateway.seen == [
+        (
+            "alipay.data.dataservice.bill.downloadurl.query",
+            {"bill_type": "trade", "bill_date": "2026-03-01"},
+        ),
+        (f"GET {url}", {}),
+    ]
+
+
+def test_a_day_without_a_bill_is_empty(keys: Keys) -> None:
+    provider, gateway = scripted(
+        keys,
+        alipay_data_dataservice_bill_downloadurl_query=[failure("isp.bill_not_exist")],
+    )
+
+    assert provider.fetch_bill(date(2026, 3, 1)) == []
+    assert len(gateway.seen) == 1
+
+
+def zip_of_detail(text: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.writestr("2021000000000001_20260301_业务明细.csv", text.encode("gbk"))
+    return buffer.getvalue()

@@ -3,11 +3,19 @@
 import itertools
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from roompay.domain.errors import InvalidTransitionError
-from roompay.domain.orders import TERMINAL, OrderStatus, can_move, is_paid_state, move
+from roompay.domain.orders import (
+    TERMINAL,
+    OrderStatus,
+    can_move,
+    is_paid_state,
+    move,
+    status_after_refunds,
+)
 
 S = OrderStatus
 
@@ -18,9 +26,10 @@ ALLOWED_MOVES: frozenset[tuple[OrderStatus, OrderStatus]] = frozenset(
         (S.EXPIRED, S.PAID),  # a payment that lands after expiry is still money received
         (S.PAID, S.RUNNING),
         (S.PAID, S.REFUNDED),
-        (S.RUNNING, S.COMPLETED),
-        (S.RUNNING, S.PARTIALLY_REFUNDED),
-        (S.RUNNING, S.REFUNDED),
+        (S.RUNNING, S.COMPLETED),  # a run always ends as completed, even an early end
+        (S.COMPLETED, S.PARTIALLY_REFUNDED),
+        (S.COMPLETED, S.REFUNDED),
+        (S.PARTIALLY_REFUNDED, S.REFUNDED),
     }
 )
 
@@ -33,8 +42,8 @@ RANK: dict[OrderStatus, int] = {
     S.PAID: 1,
     S.RUNNING: 2,
     S.COMPLETED: 3,
-    S.REFUNDED: 3,
-    S.PARTIALLY_REFUNDED: 3,
+    S.PARTIALLY_REFUNDED: 4,
+    S.REFUNDED: 5,
 }
 
 EVERY_PAIR = list(itertools.product(OrderStatus, OrderStatus))
@@ -58,8 +67,8 @@ def test_can_move_allows_exactly_the_table_of_moves() -> None:
     assert allowed == ALLOWED_MOVES
 
 
-def test_terminal_states_are_completed_and_the_two_refunds() -> None:
-    assert frozenset({S.COMPLETED, S.REFUNDED, S.PARTIALLY_REFUNDED}) == TERMINAL
+def test_the_only_terminal_state_is_refunded() -> None:
+    assert frozenset({S.REFUNDED}) == TERMINAL
 
 
 @pytest.mark.parametrize("status", list(OrderStatus))
@@ -107,6 +116,43 @@ def test_a_paid_order_cannot_go_back_to_awaiting_payment() -> None:
         InvalidTransitionError, match=r"^order cannot move from paid to awaiting_payment$"
     ):
         move(S.PAID, S.AWAITING_PAYMENT)
+
+
+@pytest.mark.parametrize(
+    ("current", "refunded_fen", "expected"),
+    [
+        (S.COMPLETED, 800, S.REFUNDED),
+        (S.COMPLETED, 900, S.REFUNDED),
+        (S.COMPLETED, 300, S.PARTIALLY_REFUNDED),
+        (S.COMPLETED, 0, S.COMPLETED),
+        (S.PARTIALLY_REFUNDED, 500, S.PARTIALLY_REFUNDED),
+        (S.PARTIALLY_REFUNDED, 800, S.REFUNDED),
+        (S.PAID, 800, S.REFUNDED),
+        (S.PAID, 300, S.PAID),
+        (S.RUNNING, 800, S.RUNNING),
+        (S.RUNNING, 300, S.RUNNING),
+        (S.REFUNDED, 800, S.REFUNDED),
+        (S.AWAITING_PAYMENT, 800, S.AWAITING_PAYMENT),
+        (S.EXPIRED, 800, S.EXPIRED),
+    ],
+)
+def test_status_after_refunds_of_an_800_fen_order(
+    current: OrderStatus, refunded_fen: int, expected: OrderStatus
+) -> None:
+    assert status_after_refunds(current, 800, refunded_fen) is expected
+
+
+@given(
+    current=st.sampled_from(OrderStatus),
+    amount_fen=st.integers(min_value=1, max_value=10_000_000),
+    refunded_fen=st.integers(min_value=0, max_value=20_000_000),
+)
+def test_status_after_refunds_stays_put_or_makes_an_allowed_move(
+    current: OrderStatus, amount_fen: int, refunded_fen: int
+) -> None:
+    after = status_after_refunds(current, amount_fen, refunded_fen)
+
+    assert after is current or can_move(current, after)
 
 
 class OrderLifecycle(RuleBasedStateMachine):

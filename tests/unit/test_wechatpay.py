@@ -1,10 +1,12 @@
 """WeChat Pay API v3 wire rules: signed messages, AEAD, notify and response checks."""
 
 import base64
+import gzip
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -12,15 +14,27 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from roompay.payments import crypto
-from roompay.payments.base import NotifyReply, QrOrderRequest, TradeState
+from roompay.payments.base import (
+    BillEntry,
+    BillEntryKind,
+    NotifyReply,
+    QrOrderRequest,
+    RefundOutcome,
+    RefundRequest,
+    RefundState,
+    TradeSnapshot,
+    TradeState,
+)
 from roompay.payments.errors import (
     NotificationRejectedError,
     ProviderRejectedError,
     ProviderSignatureError,
     ProviderUnavailableError,
+    TradeAlreadyPaidError,
 )
 from roompay.payments.wechatpay import WechatPayConfig, WechatPayProvider, wire
-from roompay.payments.wechatpay.adapter import rfc3339_cst
+from roompay.payments.wechatpay import constants as c
+from roompay.payments.wechatpay.adapter import bill_entries, refund_state, rfc3339_cst, trade_state
 
 NOW = datetime(2025, 5, 20, 5, 29, 35, tzinfo=UTC)
 NOW_TS = str(int(NOW.timestamp()))
@@ -483,7 +497,7 @@ def test_a_query_signs_its_query_string(keys: Keys, config: WechatPayConfig) -> 
     seen: list[httpx.Request] = []
     provider = provider_on(config, gateway(keys, 200, transaction(), seen))
 
-    assert provider.query_state("T20250520000001") == TradeState.SUCCESS
+    assert provider.query_trade("T20250520000001").state == TradeState.SUCCESS
 
     auth = wire.parse_authorization(seen[0].headers["Authorization"])
     message = wire.request_message(
@@ -586,3 +600,409 @@ def test_time_expire_is_rfc3339_in_china_standard_time() -> None:
     )
     with pytest.raises(ValueError, match="naive"):
         rfc3339_cst(datetime(2025, 5, 20, 5, 29, 35))  # noqa: DTZ001 - the naive case under test
+
+
+# --- query, close and refunds: what the provider sends and how it maps answers -----------
+
+
+def test_query_trade_maps_a_paid_transaction_to_a_snapshot(
+    keys: Keys, config: WechatPayConfig
+) -> None:
+    provider = provider_on(config, gateway(keys, 200, transaction(), []))
+
+    assert provider.query_trade("T20250520000001") == TradeSnapshot(
+        out_trade_no="T20250520000001",
+        state=TradeState.SUCCESS,
+        amount_fen=800,
+        provider_trade_no="4200000123202505201234567890",
+        paid_at=NOW,
+    )
+
+
+def test_query_trade_of_an_unknown_trade_is_not_found(keys: Keys, config: WechatPayConfig) -> None:
+    error = {"code": "ORDER_NOT_EXIST", "message": "订单不存在"}
+    provider = provider_on(config, gateway(keys, 404, error, []))
+
+    assert provider.query_trade("T20250520000001") == TradeSnapshot(
+        "T20250520000001", TradeState.NOT_FOUND, None, None, None
+    )
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, "ORDER_CLOSED"), (404, "ORDER_NOT_EXIST")])
+def test_close_trade_of_a_closed_or_unknown_trade_is_fine(
+    keys: Keys, config: WechatPayConfig, status: int, code: str
+) -> None:
+    provider = provider_on(config, gateway(keys, status, {"code": code, "message": "x"}, []))
+
+    provider.close_trade("T20250520000001")
+
+
+def test_close_trade_of_a_paid_trade_raises_trade_already_paid(
+    keys: Keys, config: WechatPayConfig
+) -> None:
+    error = {"code": "ORDERPAID", "message": "订单已支付"}
+    provider = provider_on(config, gateway(keys, 400, error, []))
+
+    with pytest.raises(TradeAlreadyPaidError) as caught:
+        provider.close_trade("T20250520000001")
+
+    assert (caught.value.code, caught.value.message, caught.value.status) == (
+        "ORDERPAID",
+        "订单已支付",
+        400,
+    )
+
+
+def test_close_trade_passes_other_rejections_on(keys: Keys, config: WechatPayConfig) -> None:
+    error = {"code": "PARAM_ERROR", "message": "mchid"}
+    provider = provider_on(config, gateway(keys, 400, error, []))
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.close_trade("T20250520000001")
+
+    assert type(caught.value) is ProviderRejectedError
+    assert caught.value.code == "PARAM_ERROR"
+
+
+def refund_object(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "refund_id": "50000000382019052709732678859",
+        "out_refund_no": "R20250520000001",
+        "transaction_id": "4200000123202505201234567890",
+        "out_trade_no": "T20250520000001",
+        "channel": "ORIGINAL",
+        "user_received_account": "支付用户零钱",
+        "success_time": "2025-05-20T13:29:35+08:00",
+        "create_time": "2025-05-20T13:29:35+08:00",
+        "status": "SUCCESS",
+        "funds_account": "AVAILABLE",
+        "amount": {
+            "total": 800,
+            "refund": 300,
+            "from": [],
+            "payer_total": 800,
+            "payer_refund": 300,
+            "settlement_refund": 300,
+            "settlement_total": 800,
+            "discount_refund": 0,
+            "currency": "CNY",
+        },
+        "promotion_detail": [],
+    }
+    return data | changes
+
+
+def a_refund(reason: str = "The dryer did not start") -> RefundRequest:
+    return RefundRequest(
+        out_trade_no="T20250520000001",
+        refund_key="R20250520000001",
+        amount_fen=300,
+        total_fen=800,
+        reason=reason,
+    )
+
+
+def test_a_refund_request_posts_the_documented_body(keys: Keys, config: WechatPayConfig) -> None:
+    seen: list[httpx.Request] = []
+    provider = provider_on(config, gateway(keys, 200, refund_object(), seen))
+
+    outcome = provider.refund(a_refund("退" * 81))
+
+    assert outcome == RefundOutcome(
+        refund_key="R20250520000001",
+        state=RefundState.SUCCESS,
+        amount_fen=300,
+        provider_refund_id="50000000382019052709732678859",
+    )
+    request = seen[0]
+    assert (request.method, request.url.path) == (
+        "POST",
+        "/sandbox/wechatpay/v3/refund/domestic/refunds",
+    )
+    assert json.loads(request.content) == {
+        "out_trade_no": "T20250520000001",
+        "out_refund_no": "R20250520000001",
+        "reason": "退" * 80,
+        "amount": {"refund": 300, "total": 800, "currency": "CNY"},
+    }
+    auth = wire.parse_authorization(request.headers["Authorization"])
+    message = wire.request_message(
+        "POST", "/v3/refund/domestic/refunds", auth.timestamp, auth.nonce_str, request.content
+    )
+    assert crypto.verify_b64(keys.merchant.public_key(), message, auth.signature) is True
+
+
+def test_a_refund_without_a_reason_sends_none(keys: Keys, config: WechatPayConfig) -> None:
+    seen: list[httpx.Request] = []
+    provider = provider_on(config, gateway(keys, 200, refund_object(), seen))
+
+    provider.refund(a_refund(reason=""))
+
+    assert "reason" not in json.loads(seen[0].content)
+
+
+@pytest.mark.parametrize(
+    ("wire_status", "state"),
+    [
+        ("SUCCESS", RefundState.SUCCESS),
+        ("PROCESSING", RefundState.PROCESSING),
+        ("ABNORMAL", RefundState.ABNORMAL),
+        ("CLOSED", RefundState.ABNORMAL),
+    ],
+)
+def test_refund_statuses_map_to_ours(
+    keys: Keys, config: WechatPayConfig, wire_status: str, state: RefundState
+) -> None:
+    provider = provider_on(config, gateway(keys, 200, refund_object(status=wire_status), []))
+
+    assert provider.refund(a_refund()).state == state
+    assert refund_state(c.WireRefundStatus(wire_status)) == state
+
+
+def test_every_wire_status_has_a_mapping() -> None:
+    assert {refund_state(status) for status in c.WireRefundStatus} <= set(RefundState)
+    assert {trade_state(state) for state in c.WireTradeState} <= set(TradeState)
+
+
+def test_a_refund_query_gets_the_refund_by_its_key(keys: Keys, config: WechatPayConfig) -> None:
+    seen: list[httpx.Request] = []
+    answer = refund_object(status="PROCESSING")
+    del answer["success_time"]
+    provider = provider_on(config, gateway(keys, 200, answer, seen))
+
+    outcome = provider.query_refund("T20250520000001", "R20250520000001")
+
+    assert outcome == RefundOutcome(
+        "R20250520000001", RefundState.PROCESSING, 300, "50000000382019052709732678859"
+    )
+    assert (seen[0].method, seen[0].url.path, seen[0].content) == (
+        "GET",
+        "/sandbox/wechatpay/v3/refund/domestic/refunds/R20250520000001",
+        b"",
+    )
+
+
+def test_a_refund_query_of_an_unknown_key_is_not_found(keys: Keys, config: WechatPayConfig) -> None:
+    error = {"code": "RESOURCE_NOT_EXISTS", "message": "退款单不存在"}
+    provider = provider_on(config, gateway(keys, 404, error, []))
+
+    assert provider.query_refund("T20250520000001", "R20250520000001") == RefundOutcome(
+        "R20250520000001", RefundState.NOT_FOUND, 0, None
+    )
+
+
+def test_a_refund_answer_about_another_trade_is_refused(
+    keys: Keys, config: WechatPayConfig
+) -> None:
+    answer = refund_object(out_trade_no="T20250520000002")
+    provider = provider_on(config, gateway(keys, 200, answer, []))
+
+    with pytest.raises(ProviderRejectedError, match="REFUND_KEY_MISMATCH"):
+        provider.query_refund("T20250520000001", "R20250520000001")
+
+
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        (500, {"code": "SYSTEM_ERROR", "message": "系统错误"}),
+        (503, {"code": "SYSTEM_ERROR", "message": "系统繁忙"}),
+    ],
+)
+def test_a_refund_failing_on_the_providers_side_is_unavailable(
+    keys: Keys, config: WechatPayConfig, status: int, answer: dict[str, str]
+) -> None:
+    provider = provider_on(config, gateway(keys, status, answer, []))
+
+    with pytest.raises(ProviderUnavailableError, match=f"HTTP {status}"):
+        provider.refund(a_refund())
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(403, "NOT_ENOUGH"), (400, "INVALID_REQUEST"), (400, "PARAM_ERROR")]
+)
+def test_a_refused_refund_is_rejected_with_the_providers_code(
+    keys: Keys, config: WechatPayConfig, status: int, code: str
+) -> None:
+    provider = provider_on(config, gateway(keys, status, {"code": code, "message": "no"}, []))
+
+    with pytest.raises(ProviderRejectedError) as caught:
+        provider.refund(a_refund())
+
+    assert (caught.value.code, caught.value.status) == (code, status)
+
+
+# --- the trade bill ------------------------------------------------------------------------
+
+HEADER = ",".join(c.TRADE_BILL_ALL_COLUMNS)
+TOTALS_HEADER = ",".join(c.TRADE_BILL_TOTALS_COLUMNS)
+PAYMENT_LINE = (
+    "`2025-05-20 13:01:00,`wxd678efh567hg6787,`1900000001,`0,`,`4200000123202505201234567890,"
+    "`T20250520000001,`oUpF8uMuAJO_M2pxb1Q9zNjWeS6o,`NATIVE,`SUCCESS,`OTHERS,`CNY,`8.00,`0.00,"
+    "`0,`0,`0.00,`0.00,`,`,`Dry 30 min,`,`0.05,`0.60%,`8.00,`0.00,`"
+)
+REFUND_LINE = (
+    "`2025-05-20 13:10:00,`wxd678efh567hg6787,`1900000001,`0,`,`4200000123202505201234567890,"
+    "`T20250520000001,`oUpF8uMuAJO_M2pxb1Q9zNjWeS6o,`NATIVE,`REFUND,`OTHERS,`CNY,`0.00,`0.00,"
+    "`50000000382019052709732678859,`R20250520000001,`3.00,`0.00,`ORIGINAL,`SUCCESS,"
+    "`Dry 30 min,`,`-0.02,`0.60%,`0.00,`3.00,`"
+)
+TOTALS_LINE = "`2,`8.00,`3.00,`0.00,`0.03,`8.00,`3.00"
+BILL = "\r\n".join([HEADER, PAYMENT_LINE, REFUND_LINE, TOTALS_HEADER, TOTALS_LINE, ""])
+PAID_AT = datetime(2025, 5, 20, 5, 1, tzinfo=UTC)
+REFUNDED_AT = datetime(2025, 5, 20, 5, 10, tzinfo=UTC)
+EXPECTED_ENTRIES = [
+    BillEntry(
+        BillEntryKind.PAYMENT,
+        "T20250520000001",
+        "4200000123202505201234567890",
+        None,
+        800,
+        5,
+        PAID_AT,
+    ),
+    BillEntry(
+        BillEntryKind.REFUND,
+        "T20250520000001",
+        "4200000123202505201234567890",
+        "R20250520000001",
+        300,
+        -2,
+        REFUNDED_AT,
+    ),
+]
+
+
+def test_a_bill_is_read_by_column_name_without_backticks_up_to_the_totals() -> None:
+    rows = wire.parse_trade_bill(BILL)
+
+    assert [(row.trade_state, row.out_refund_no, row.fee) for row in rows] == [
+        ("SUCCESS", "0", "0.05"),
+        ("REFUND", "R20250520000001", "-0.02"),
+    ]
+    assert bill_entries(rows) == EXPECTED_ENTRIES
+
+
+def _with_extra_column(line: str, cell: str) -> str:
+    # A column the parser does not know, inserted before 应结订单金额.
+    cells = line.split(",")
+    return ",".join([*cells[:12], cell, *cells[12:]])
+
+
+def test_a_bill_with_an_extra_column_in_the_middle_reads_the_same() -> None:
+    bill = "\n".join(
+        [
+            _with_extra_column(HEADER, "订单优惠金额"),
+            _with_extra_column(PAYMENT_LINE, "`1.00"),
+            _with_extra_column(REFUND_LINE, "`0.00"),
+            TOTALS_HEADER,
+            TOTALS_LINE,
+        ]
+    )
+
+    assert bill_entries(wire.parse_trade_bill("\ufeff" + bill)) == EXPECTED_ENTRIES
+
+
+def test_a_bill_cell_with_a_comma_is_quoted_and_read_whole() -> None:
+    line = PAYMENT_LINE.replace("`Dry 30 min", '"`Dry, 30 min"')
+    bill = "\n".join([HEADER, line, TOTALS_HEADER, "`1,`8.00,`0.00,`0.00,`0.05,`8.00,`0.00"])
+
+    (row,) = wire.parse_trade_bill(bill)
+
+    assert row.settlement_total == "8.00"
+
+
+def test_bill_lines_in_other_states_carry_no_money() -> None:
+    revoked = PAYMENT_LINE.replace("`SUCCESS", "`REVOKED")
+    bill = "\n".join([HEADER, revoked, REFUND_LINE, TOTALS_HEADER, TOTALS_LINE])
+
+    assert bill_entries(wire.parse_trade_bill(bill)) == EXPECTED_ENTRIES[1:]
+
+
+@pytest.mark.parametrize(
+    ("bill", "error"),
+    [
+        ("", "does not start with its header"),
+        (PAYMENT_LINE, "does not start with its header"),
+        ("\n".join([HEADER, PAYMENT_LINE]), "lacks its totals"),
+        ("\n".join([HEADER, PAYMENT_LINE + ",`x", TOTALS_HEADER]), "has 28 cells, not 27"),
+        ("\n".join([HEADER + ",交易时间", TOTALS_HEADER]), "repeats a column"),
+    ],
+)
+def test_a_malformed_bill_is_refused(bill: str, error: str) -> None:
+    with pytest.raises(wire.WireError, match=error):
+        wire.parse_trade_bill(bill)
+
+
+def test_a_bill_line_missing_a_needed_column_is_refused() -> None:
+    header = HEADER.replace("手续费", "服务费")
+
+    with pytest.raises(wire.WireError, match="bill line 2"):
+        wire.parse_trade_bill("\n".join([header, PAYMENT_LINE, TOTALS_HEADER]))
+
+
+def bill_gateway(
+    keys: Keys, content: bytes, *, hash_of: bytes | None = None, seen: list[httpx.Request]
+) -> Handler:
+    """Answer the tradebill call (signed) and the download (raw, unsigned)."""
+    digest = hashlib.sha1(
+        content if hash_of is None else hash_of, usedforsecurity=False
+    ).hexdigest()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.endswith("/v3/bill/tradebill"):
+            answer = {
+                "hash_type": "SHA1",
+                "hash_value": digest,
+                "download_url": "https://gateway.test/sandbox/wechatpay/v3/billdownload/file?token=t1",
+            }
+            body = json.dumps(answer).encode()
+            return httpx.Response(200, headers=signed_headers(keys.platform, body), content=body)
+        return httpx.Response(200, content=gzip.compress(content))
+
+    return handle
+
+
+def test_fetch_bill_asks_for_the_gzipped_all_bill_and_checks_its_sha1(
+    keys: Keys, config: WechatPayConfig
+) -> None:
+    seen: list[httpx.Request] = []
+    provider = provider_on(config, bill_gateway(keys, BILL.encode(), seen=seen))
+
+    entries = provider.fetch_bill(date(2025, 5, 20))
+
+    assert entries == EXPECTED_ENTRIES
+    step1, step2 = seen
+    assert str(step1.url) == (
+        "https://gateway.test/sandbox/wechatpay/v3/bill/tradebill"
+        "?bill_date=2025-05-20&bill_type=ALL&tar_type=GZIP"
+    )
+    assert str(step2.url) == "https://gateway.test/sandbox/wechatpay/v3/billdownload/file?token=t1"
+    auth = wire.parse_authorization(step2.headers["Authorization"])
+    message = wire.request_message(
+        "GET", "/v3/billdownload/file?token=t1", auth.timestamp, auth.nonce_str, b""
+    )
+    assert crypto.verify_b64(keys.merchant.public_key(), message, auth.signature) is True
+
+
+def test_a_bill_whose_sha1_differs_is_never_trusted(keys: Keys, config: WechatPayConfig) -> None:
+    forged = BILL.replace("`8.00", "`80.00").encode()
+    provider = provider_on(config, bill_gateway(keys, forged, hash_of=BILL.encode(), seen=[]))
+
+    with pytest.raises(ProviderSignatureError, match="SHA-1"):
+        provider.fetch_bill(date(2025, 5, 20))
+
+
+def test_a_day_without_a_statement_has_no_entries(keys: Keys, config: WechatPayConfig) -> None:
+    error = {"code": "NO_STATEMENT_EXIST", "message": "当日无账单"}
+    provider = provider_on(config, gateway(keys, 400, error, []))
+
+    assert provider.fetch_bill(date(2025, 5, 20)) == []
+
+
+def test_a_bill_that_does_not_parse_is_unavailable(keys: Keys, config: WechatPayConfig) -> None:
+    broken = BILL.replace("`8.00,`0.00,`0,", "`8.001,`0.00,`0,").encode()
+    provider = provider_on(config, bill_gateway(keys, broken, seen=[]))
+
+    with pytest.raises(ProviderUnavailableError, match="malformed trade bill of 2025-05-20"):
+        provider.fetch_bill(date(2025, 5, 20))

@@ -2,14 +2,19 @@
 
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import httpx
 
 from roompay.clock import Clock
 from roompay.domain.catalog import Wallet
-from roompay.payments.alipay.client import AlipayClient, AlipayConfig
+from roompay.domain.errors import InvalidAmountError
+from roompay.domain.money import Fen, parse_yuan
+from roompay.payments.alipay.bill import parse_trade_bill
+from roompay.payments.alipay.client import AlipayClient, AlipayConfig, parse_beijing_timestamp
 from roompay.payments.alipay.constants import (
+    MAX_OUT_REQUEST_NO_LEN,
+    MAX_REFUND_REASON_LEN,
     MAX_SUBJECT_LEN,
     MAX_TIMEOUT_MINUTES,
     MIN_TIMEOUT_MINUTES,
@@ -20,14 +25,19 @@ from roompay.payments.alipay.constants import (
 )
 from roompay.payments.alipay.notify import AlipayTradeNotify, verify_notify
 from roompay.payments.base import (
+    BillEntry,
     NotifyReply,
     PaymentNotification,
     QrOrder,
     QrOrderRequest,
+    RefundOutcome,
+    RefundRequest,
+    RefundState,
+    TradeSnapshot,
     TradeState,
 )
 from roompay.payments.crypto import load_public_key
-from roompay.payments.errors import ProviderRejectedError
+from roompay.payments.errors import ProviderRejectedError, TradeAlreadyPaidError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,24 @@ def timeout_minutes(expires_at: datetime, now: datetime) -> int:
     """
     minutes = int((expires_at - now).total_seconds() // 60)
     return min(max(minutes, MIN_TIMEOUT_MINUTES), MAX_TIMEOUT_MINUTES)
+
+
+def _malformed(message: str) -> ProviderRejectedError:
+    return ProviderRejectedError(code="malformed-response", message=message)
+
+
+def _fen(text: str, name: str) -> Fen:
+    try:
+        return parse_yuan(text)
+    except InvalidAmountError as exc:
+        raise _malformed(f"{name} {text!r} is not a yuan amount") from exc
+
+
+def _check_same(asked: str, answered: str) -> None:
+    if asked != answered:
+        raise ProviderRejectedError(
+            code="mismatched-response", message=f"asked about {asked}, got {answered}"
+        )
 
 
 def trade_state(status: TradeStatus, refund_fee_fen: int | None) -> TradeState:
@@ -86,25 +114,112 @@ class AlipayProvider:
             )
         return QrOrder(out_trade_no=request.out_trade_no, qr_content=result.qr_code)
 
-    def query_order(self, out_trade_no: str) -> TradeState:
-        """Tell the trade's state; NOT_FOUND until the guest scans the QR."""
+    def query_trade(self, out_trade_no: str) -> TradeSnapshot:
+        """Tell the trade's state; NOT_FOUND (no other data) until the guest scans the QR.
+
+        A fully refunded trade is TRADE_CLOSED at Alipay, so it reads CLOSED here too,
+        but keeps its `paid_at`: a CLOSED snapshot with `paid_at` was paid once.
+        """
         try:
             result = self.client.query_order(out_trade_no)
         except ProviderRejectedError as exc:
             if exc.code == SubCode.TRADE_NOT_EXIST:
-                return TradeState.NOT_FOUND
+                return TradeSnapshot(out_trade_no, TradeState.NOT_FOUND, None, None, None)
             raise
-        return trade_state(result.trade_status, None)
+        _check_same(out_trade_no, result.out_trade_no)
+        try:
+            paid_at = (
+                parse_beijing_timestamp(result.send_pay_date).astimezone(UTC)
+                if result.send_pay_date
+                else None
+            )
+        except ValueError as exc:
+            raise _malformed(f"send_pay_date {result.send_pay_date!r}") from exc
+        return TradeSnapshot(
+            out_trade_no=out_trade_no,
+            state=trade_state(result.trade_status, None),
+            amount_fen=_fen(result.total_amount, "total_amount"),
+            provider_trade_no=result.trade_no,
+            paid_at=paid_at,
+        )
 
-    def close_order(self, out_trade_no: str) -> TradeState:
-        """Close an unpaid trade; NOT_FOUND means it was never scanned and cannot be closed."""
+    def close_trade(self, out_trade_no: str) -> None:
+        """Close an unpaid trade; unscanned or already closed is fine, paid raises.
+
+        Alipay answers ACQ.TRADE_STATUS_ERROR both for a closed and for a paid trade,
+        so that answer is followed by a query to tell them apart.
+        """
         try:
             self.client.close_order(out_trade_no)
         except ProviderRejectedError as exc:
             if exc.code == SubCode.TRADE_NOT_EXIST:
-                return TradeState.NOT_FOUND
+                return  # an unscanned QR: Alipay has nothing that could be paid
+            if exc.code != SubCode.TRADE_STATUS_ERROR:
+                raise
+            snapshot = self.query_trade(out_trade_no)
+            if snapshot.state is TradeState.SUCCESS or snapshot.paid_at is not None:
+                raise TradeAlreadyPaidError(
+                    code=exc.code, message=f"trade {out_trade_no} is already paid"
+                ) from exc
+            if snapshot.state is TradeState.CLOSED:
+                return
             raise
-        return TradeState.CLOSED
+
+    def refund(self, request: RefundRequest) -> RefundOutcome:
+        """Refund synchronously under `out_request_no = refund_key`.
+
+        Success is final at once. `fund_change` "N" is Alipay repeating a refund it
+        already made under this key: still SUCCESS, and no money moved twice.
+        """
+        if not 0 < request.amount_fen <= request.total_fen:
+            raise ValueError(
+                f"refund of {request.amount_fen} fen on a trade of {request.total_fen} fen"
+            )
+        if not 0 < len(request.refund_key) <= MAX_OUT_REQUEST_NO_LEN:
+            raise ValueError(f"refund key {request.refund_key!r} is not 1..64 characters")
+        result = self.client.refund(
+            out_trade_no=request.out_trade_no,
+            out_request_no=request.refund_key,
+            amount_fen=request.amount_fen,
+            reason=request.reason[:MAX_REFUND_REASON_LEN] or None,
+        )
+        _check_same(request.out_trade_no, result.out_trade_no)
+        if not result.money_moved:
+            log.info("Alipay repeated refund %s of %s", request.refund_key, request.out_trade_no)
+        # Alipay gives a refund no id of its own: it is known by our out_request_no.
+        return RefundOutcome(
+            refund_key=request.refund_key,
+            state=RefundState.SUCCESS,
+            amount_fen=request.amount_fen,
+            provider_refund_id=None,
+        )
+
+    def query_refund(self, out_trade_no: str, refund_key: str) -> RefundOutcome:
+        """Tell where a refund stands; NOT_FOUND means it may be sent again, same key."""
+        try:
+            result = self.client.query_refund(out_trade_no, refund_key)
+        except ProviderRejectedError as exc:
+            if exc.code == SubCode.TRADE_NOT_EXIST:
+                return RefundOutcome(refund_key, RefundState.NOT_FOUND, 0, None)
+            raise
+        if not result.has_refund_data:
+            return RefundOutcome(refund_key, RefundState.NOT_FOUND, 0, None)
+        if result.out_request_no is not None:
+            _check_same(refund_key, result.out_request_no)
+        amount = _fen(result.refund_amount or "0", "refund_amount")
+        # refund_status has one documented value; any other is not yet a success.
+        state = RefundState.SUCCESS if result.refunded else RefundState.PROCESSING
+        return RefundOutcome(refund_key, state, amount, None)
+
+    def fetch_bill(self, bill_date: date) -> list[BillEntry]:
+        """Download and parse one day's trade bill; a day without a bill is empty."""
+        try:
+            link = self.client.bill_download_url(bill_date)
+        except ProviderRejectedError as exc:
+            if exc.code == SubCode.BILL_NOT_EXIST:
+                return []
+            raise
+        return parse_trade_bill(self.client.download(link.bill_download_url))
 
     def parse_notification(
         self, headers: Mapping[str, str], body: bytes, now: datetime

@@ -28,12 +28,14 @@ from roompay.domain.money import Fen, parse_yuan, yuan_str
 from roompay.payments.alipay.constants import (
     API_VERSION,
     BEIJING,
+    BILL_TYPE_TRADE,
     CHARSET_UTF8,
     ERROR_RESPONSE_KEY,
     FORM_CONTENT_TYPE,
     FORMAT_JSON,
     MAX_TIMEOUT_MINUTES,
     MIN_TIMEOUT_MINUTES,
+    REFUND_STATUS_SUCCESS,
     SIGN_TYPE_RSA2,
     Code,
     Method,
@@ -206,21 +208,34 @@ class RefundResponse(_Response):
 class RefundQueryResponse(_Response):
     """The `alipay.trade.fastpay.refund.query` answer."""
 
+    trade_no: str | None = None
     out_trade_no: str | None = None
     out_request_no: str | None = None
+    total_amount: str | None = None
     refund_amount: str | None = None
     refund_status: str | None = None
+    gmt_refund_pay: str | None = None
+
+    @property
+    def has_refund_data(self) -> bool:
+        """Tell whether the answer describes a refund at all.
+
+        "10000 with no refund data means not refunded": retry the refund with the
+        same out_request_no. Older answers carry no `refund_status`, only the amount.
+        """
+        return bool(self.refund_status or self.refund_amount)
 
     @property
     def refunded(self) -> bool:
-        """Tell whether the refund went through.
-
-        "10000 with no refund data means not refunded"; `refund_status` is only
-        returned when asked for, so a refund amount without it also means done.
-        """
-        if self.refund_status is not None:
-            return self.refund_status == "REFUND_SUCCESS"
+        """Tell whether the refund went through."""
+        if self.refund_status:
+            return self.refund_status == REFUND_STATUS_SUCCESS
         return bool(self.refund_amount)
+
+    @property
+    def refund_amount_fen(self) -> Fen:
+        """This refund's amount in fen (0 when the answer has none)."""
+        return parse_yuan(self.refund_amount) if self.refund_amount else 0
 
 
 class BillDownloadUrlResponse(_Response):
@@ -305,6 +320,23 @@ class AlipayClient:
             )
         return response
 
+    def download(self, url: str) -> bytes:
+        """Fetch a file Alipay handed out a link to (a bill): a plain GET, no sign."""
+        try:
+            response = self._http.get(url)
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailableError(f"Alipay download unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            raise ProviderUnavailableError(f"Alipay download answered HTTP {response.status_code}")
+        if response.status_code != 200:
+            # The link lives 30 s: an expired one is refused, and a new one must be asked for.
+            raise ProviderRejectedError(
+                code=f"http-{response.status_code}",
+                message=response.text[:200],
+                status=response.status_code,
+            )
+        return response.content
+
     @staticmethod
     def _parse(method: str, response: httpx.Response) -> SignedResponse:
         try:
@@ -377,9 +409,9 @@ class AlipayClient:
         return self._model(RefundQueryResponse, body)
 
     def bill_download_url(
-        self, bill_date: date, bill_type: str = "trade"
+        self, bill_date: date, bill_type: str = BILL_TYPE_TRADE
     ) -> BillDownloadUrlResponse:
         """Get the download URL of one day's bill (at the latest, yesterday's)."""
-        biz = {"bill_type": bill_type, "bill_date": bill_date.isoformat()}
+        biz = {"bill_type": bill_type, "bill_date": bill_date.isoformat()}  # yyyy-MM-dd
         body = self.execute(Method.BILL_DOWNLOAD_URL, biz)
         return self._model(BillDownloadUrlResponse, body)

@@ -86,6 +86,11 @@ class SubCode(StrEnum):
     TRADE_STATUS_ERROR = "ACQ.TRADE_STATUS_ERROR"
     TRADE_HAS_SUCCESS = "ACQ.TRADE_HAS_SUCCESS"
     TRADE_HAS_CLOSE = "ACQ.TRADE_HAS_CLOSE"
+    TRADE_HAS_FINISHED = "ACQ.TRADE_HAS_FINISHED"
+    REFUND_AMT_NOT_EQUAL_TOTAL = "ACQ.REFUND_AMT_NOT_EQUAL_TOTAL"  # more than was paid
+    DISCORDANT_REPEAT_REQUEST = "ACQ.DISCORDANT_REPEAT_REQUEST"  # same key, other amount
+    SELLER_BALANCE_NOT_ENOUGH = "ACQ.SELLER_BALANCE_NOT_ENOUGH"
+    BILL_NOT_EXIST = "isp.bill_not_exist"
 
 
 class TradeStatus(StrEnum):
@@ -95,3 +100,36 @@ class TradeStatus(StrEnum):
     TRADE_CLOSED = "TRADE_CLOSED"  # timed out unpaid, closed, or fully refunded
     TRADE_SUCCESS = "TRADE_SUCCESS"  # paid, still refundable
     TRADE_FINISHED = "TRADE_FINISHED"  # paid, no longer refundable
+
+
+REFUND_STATUS_SUCCESS = "REFUND_SUCCESS"  # the only refund_status; absent means "not refunded"
+FUND_CHANGE_YES = "Y"  # this very refund call moved money
+FUND_CHANGE_NO = "N"  # an idempotent repeat of a refund already made
+MAX_OUT_REQUEST_NO_LEN = 64
+MAX_REFUND_REASON_LEN = 256
+
+# The trade bill (`bill_type=trade`): a zip of GBK-encoded CSVs, one of them the detail.
+BILL_TYPE_TRADE = "trade"
+BILL_ENCODING = "gbk"
+BILL_DETAIL_SUFFIX = "业务明细.csv"
+BILL_SUMMARY_SUFFIX = "业务明细(汇总).csv"
+BILL_COMMENT_PREFIX = "#"
+
+
+class BillColumn(StrEnum):
+    """The detail file's columns that roompay reads, named as the header row spells them."""
+
+    TRADE_NO = "支付宝交易号"
+    OUT_TRADE_NO = "商户订单号"
+    BUSINESS_TYPE = "业务类型"
+    FINISHED_AT = "完成时间"
+    ORDER_AMOUNT = "订单金额（元）"
+    REFUND_REQUEST_NO = "退款批次号/请求号"
+    SERVICE_FEE = "服务费（元）"
+
+
+class BillBusinessType(StrEnum):
+    """The detail file's 业务类型 values for 当面付."""
+
+    PAYMENT = "交易"
+    REFUND = "退款"

@@ -6,11 +6,19 @@ checked before anything in it is believed. Errors are translated once, here:
 - network failure, timeout, 5xx, malformed 2xx body -> `ProviderUnavailableError`
 - 4xx `{"code","message"}`                          -> `ProviderRejectedError`
 - missing, stale or invalid response signature      -> `ProviderSignatureError`
+- a bill whose SHA-1 differs from the signed hash   -> `ProviderSignatureError`
+
+Bill files are the one unsigned answer (§1.8): they are trusted through the SHA-1
+that the signed `tradebill` answer announced.
 """
 
+import gzip
+import hashlib
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from typing import TypeVar
 from urllib.parse import urlencode
 
@@ -56,6 +64,17 @@ class NativeOrder:
     time_expire: str
     notify_url: str
     attach: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefundOrder:
+    """The body of `POST /v3/refund/domestic/refunds`, already in wire units."""
+
+    out_trade_no: str
+    out_refund_no: str
+    refund_fen: int
+    total_fen: int
+    reason: str = ""
 
 
 class WechatPayClient:
@@ -121,7 +140,58 @@ class WechatPayClient:
         path = c.PATH_CLOSE.format(out_trade_no=out_trade_no)
         self.request("POST", path, json_body={"mchid": self._config.mchid})
 
-    # --- the signed call, the seam for refunds, refund queries and bills --------------
+    def create_refund(self, order: RefundOrder) -> wire.Refund:
+        """Ask for a refund; the same `out_refund_no` again refunds only once (§1.7)."""
+        body: dict[str, object] = {
+            "out_trade_no": order.out_trade_no,
+            "out_refund_no": order.out_refund_no,
+        }
+        if order.reason:
+            body["reason"] = order.reason
+        body["amount"] = {
+            "refund": order.refund_fen,
+            "total": order.total_fen,
+            "currency": c.CURRENCY_CNY,
+        }
+        response = self.request("POST", c.PATH_REFUND, json_body=body)
+        return self._parse(response, wire.Refund)
+
+    def query_refund(self, out_refund_no: str) -> wire.Refund:
+        """Query one refund by our `out_refund_no`."""
+        path = c.PATH_REFUND_QUERY.format(out_refund_no=out_refund_no)
+        return self._parse(self.request("GET", path), wire.Refund)
+
+    def trade_bill(self, bill_date: date) -> wire.TradeBillResponse:
+        """Ask for the day's ALL trade bill, gzipped: its download URL and SHA-1."""
+        query = {
+            "bill_date": bill_date.isoformat(),
+            "bill_type": c.BILL_TYPE_ALL,
+            "tar_type": c.TAR_TYPE_GZIP,
+        }
+        response = self.request("GET", c.PATH_TRADE_BILL, query=query)
+        return self._parse(response, wire.TradeBillResponse)
+
+    def download_bill(self, bill: wire.TradeBillResponse) -> bytes:
+        """Download a bill file and return its uncompressed bytes, checked against its SHA-1.
+
+        The request is signed like any call, over the download URL's path from `/v3/`
+        on; the answer is an unsigned stream, trusted only through the signed hash.
+        """
+        url = httpx.URL(bill.download_url)
+        request = self._signed_request("GET", url, b"")
+        response = self._send(request, verify_2xx=False)
+        content = response.content
+        if content[:2] == _GZIP_MAGIC:
+            try:
+                content = gzip.decompress(content)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise ProviderUnavailableError(f"the bill is not valid gzip: {exc}") from exc
+        digest = hashlib.sha1(content, usedforsecurity=False).hexdigest()
+        if digest != bill.hash_value.lower():
+            raise ProviderSignatureError(f"the bill's SHA-1 {digest} is not the announced one")
+        return content
+
+    # --- the signed call ------------------------------------------------------------
 
     def request(
         self,
@@ -133,16 +203,21 @@ class WechatPayClient:
     ) -> httpx.Response:
         """Send one signed API call and return its verified 2xx response."""
         body = b"" if json_body is None else _dump(json_body)
-        request = self._build(method, path, query, body)
+        return self._send(self._build(method, path, query, body), verify_2xx=True)
+
+    def _send(self, request: httpx.Request, *, verify_2xx: bool) -> httpx.Response:
+        where = f"{request.method} {request.url.path}"
         try:
             response = self._http.send(request)
         except httpx.HTTPError as exc:
-            raise ProviderUnavailableError(f"{method} {path}: {exc!r}") from exc
+            raise ProviderUnavailableError(f"{where}: {exc!r}") from exc
         if response.status_code >= 500:
-            raise ProviderUnavailableError(f"{method} {path}: HTTP {response.status_code}")
-        self._verify(response)
+            raise ProviderUnavailableError(f"{where}: HTTP {response.status_code}")
         if response.status_code >= 300:
+            self._verify(response)
             raise _rejection(response)
+        if verify_2xx:
+            self._verify(response)
         return response
 
     def _build(
@@ -152,6 +227,9 @@ class WechatPayClient:
         if query:
             target += "?" + urlencode(query)
         url = self._base_url.copy_with(raw_path=target.encode())
+        return self._signed_request(method, url, body)
+
+    def _signed_request(self, method: str, url: httpx.URL, body: bytes) -> httpx.Request:
         headers = {
             "Accept": "application/json",
             "User-Agent": "roompay",
@@ -163,7 +241,10 @@ class WechatPayClient:
             method, url, content=body, headers=headers, timeout=self._timeout_s
         )
         # Sign what is actually sent: the encoded path and query of the built request.
-        signed_url = wire.canonical_url(*_split_raw_path(request.url.raw_path.decode()))
+        try:
+            signed_url = wire.canonical_url(*_split_raw_path(request.url.raw_path.decode()))
+        except wire.WireError as exc:
+            raise ProviderUnavailableError(f"cannot sign {url}: {exc}") from exc
         request.headers["Authorization"] = self._authorization(method, signed_url, body)
         return request
 
@@ -195,6 +276,9 @@ class WechatPayClient:
             return model.model_validate_json(response.content)
         except ValidationError as exc:
             raise ProviderUnavailableError(f"malformed {model.__name__} response") from exc
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _dump(payload: object) -> bytes:

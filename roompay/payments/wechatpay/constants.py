@@ -17,6 +17,7 @@ PATH_CLOSE: Final = "/v3/pay/transactions/out-trade-no/{out_trade_no}/close"
 PATH_REFUND: Final = "/v3/refund/domestic/refunds"
 PATH_REFUND_QUERY: Final = "/v3/refund/domestic/refunds/{out_refund_no}"
 PATH_TRADE_BILL: Final = "/v3/bill/tradebill"
+PATH_BILL_DOWNLOAD: Final = "/v3/billdownload/file"
 API_PATH_MARKER: Final = "/v3/"
 
 # The scheme of the Authorization header and of `Wechatpay-Signature-Type`.
@@ -55,6 +56,59 @@ CURRENCY_CNY: Final = "CNY"
 TRADE_TYPE_NATIVE: Final = "NATIVE"
 CODE_URL_PREFIX: Final = "weixin://wxpay/bizpayurl?pr="
 
+# Refund rules (§1.7).
+REFUND_REASON_MAX_CHARS: Final = 80
+
+# Trade bill (§1.8): the request's fixed values and the CSV's column names.
+BILL_TYPE_ALL: Final = "ALL"
+TAR_TYPE_GZIP: Final = "GZIP"
+HASH_TYPE_SHA1: Final = "SHA1"
+BILL_CELL_PREFIX: Final = "`"
+BILL_STATE_SUCCESS: Final = "SUCCESS"
+BILL_STATE_REFUND: Final = "REFUND"
+# The 27 columns of the ALL bill, in order. Some merchants get more, so read by name.
+TRADE_BILL_ALL_COLUMNS: Final = (
+    "交易时间",
+    "公众账号ID",
+    "商户号",
+    "特约商户号",
+    "设备号",
+    "微信订单号",
+    "商户订单号",
+    "用户标识",
+    "交易类型",
+    "交易状态",
+    "付款银行",
+    "货币种类",
+    "应结订单金额",
+    "代金券金额",
+    "微信退款单号",
+    "商户退款单号",
+    "退款金额",
+    "充值券退款金额",
+    "退款类型",
+    "退款状态",
+    "商品名称",
+    "商户数据包",
+    "手续费",
+    "费率",
+    "订单金额",
+    "申请退款金额",
+    "费率备注",
+)
+# The header of the totals that close the bill, followed by one line of totals.
+TRADE_BILL_TOTALS_COLUMNS: Final = (
+    "总交易单数",
+    "应结订单总金额",
+    "退款总金额",
+    "充值券退款总金额",
+    "手续费总金额",
+    "订单总金额",
+    "申请退款总金额",
+)
+# 交易时间 is Beijing time without an offset.
+BILL_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+
 # Times on the wire are RFC 3339 in China Standard Time, e.g. 2025-05-20T13:29:35+08:00.
 CHINA_TZ: Final = timezone(timedelta(hours=8), "CST")
 
@@ -71,6 +125,15 @@ class WireTradeState(StrEnum):
     PAYERROR = "PAYERROR"
 
 
+class WireRefundStatus(StrEnum):
+    """A refund's `status` as the provider spells it."""
+
+    SUCCESS = "SUCCESS"
+    CLOSED = "CLOSED"
+    PROCESSING = "PROCESSING"
+    ABNORMAL = "ABNORMAL"
+
+
 class ErrorCode(StrEnum):
     """Error codes in `{"code","message"}` bodies that roompay names."""
 
@@ -81,3 +144,7 @@ class ErrorCode(StrEnum):
     ORDERPAID = "ORDERPAID"
     ORDER_CLOSED = "ORDER_CLOSED"
     SYSTEM_ERROR = "SYSTEM_ERROR"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    NOT_ENOUGH = "NOT_ENOUGH"
+    RESOURCE_NOT_EXISTS = "RESOURCE_NOT_EXISTS"
+    NO_STATEMENT_EXIST = "NO_STATEMENT_EXIST"

@@ -8,6 +8,8 @@ messages, so the rules live once, here:
 - ``Authorization: WECHATPAY2-SHA256-RSA2048 k="v",...`` whose pairs come in any order
 - AEAD_AES_256_GCM resources: key = APIv3 key, nonce and associated data as UTF-8,
   ciphertext = base64(ct || 16-byte tag)
+- the trade bill: a CSV read by column name, each data cell prefixed with a
+  backtick, closed by a totals header (`总交易单数,…`) and a totals line
 
 Functions here raise `ValueError` (or its subclass `WireError`); each side
 translates it into its own error once.
@@ -15,15 +17,18 @@ translates it into its own error once.
 
 import base64
 import binascii
+import csv
+import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from roompay.payments import crypto
 from roompay.payments.wechatpay import constants as c
@@ -276,3 +281,91 @@ class NotifyEnvelope(WireModel):
     resource_type: str
     summary: str = ""
     resource: EncryptedResource
+
+
+class RefundAmount(WireModel):
+    """A refund's `amount`, in integer fen."""
+
+    total: int
+    refund: int
+    payer_total: int | None = None
+    payer_refund: int | None = None
+    settlement_refund: int | None = None
+    settlement_total: int | None = None
+    discount_refund: int | None = None
+    currency: str = c.CURRENCY_CNY
+
+
+class Refund(WireModel):
+    """The refund object of `POST /v3/refund/domestic/refunds` and of its query (§1.7)."""
+
+    refund_id: str = Field(min_length=1)
+    out_refund_no: str = Field(min_length=1)
+    transaction_id: str = ""
+    out_trade_no: str = Field(min_length=1)
+    channel: str = ""
+    user_received_account: str = ""
+    success_time: AwareDatetime | None = None
+    create_time: AwareDatetime | None = None
+    status: c.WireRefundStatus
+    funds_account: str | None = None
+    amount: RefundAmount
+
+
+class TradeBillResponse(WireModel):
+    """`200 {"hash_type","hash_value","download_url"}` of `GET /v3/bill/tradebill` (§1.8)."""
+
+    hash_type: Literal["SHA1"]
+    hash_value: str = Field(pattern=r"^[0-9a-fA-F]{40}$")
+    download_url: str = Field(min_length=1)
+
+
+# --- the trade bill -----------------------------------------------------------------
+
+
+class TradeBillRow(BaseModel):
+    """The cells of one bill line that roompay reads, found by column name (§1.8)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    trade_time: str = Field(alias="交易时间")
+    transaction_id: str = Field(alias="微信订单号")
+    out_trade_no: str = Field(alias="商户订单号")
+    trade_state: str = Field(alias="交易状态")
+    settlement_total: str = Field(alias="应结订单金额")
+    refund_id: str = Field(alias="微信退款单号")
+    out_refund_no: str = Field(alias="商户退款单号")
+    refund_amount: str = Field(alias="退款金额")
+    fee: str = Field(alias="手续费")
+
+
+def _bill_cell(raw: str) -> str:
+    return raw.strip().removeprefix(c.BILL_CELL_PREFIX)
+
+
+def parse_trade_bill(text: str) -> list[TradeBillRow]:
+    """Read the data lines of a trade bill by column name; raise `WireError` if malformed.
+
+    The first line names the columns (unprefixed); each data cell starts with a
+    backtick, which is dropped. Reading stops at the totals header (`总交易单数,…`).
+    """
+    lines = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
+    header = [cell.strip() for cell in next(lines, [])]
+    if not header or header[0] != c.TRADE_BILL_ALL_COLUMNS[0]:
+        raise WireError("the bill does not start with its header line")
+    if len(set(header)) != len(header):
+        raise WireError("the bill header repeats a column")
+    rows: list[TradeBillRow] = []
+    for number, cells in enumerate(lines, start=2):
+        if not any(cell.strip() for cell in cells):
+            continue
+        if cells[0].strip() == c.TRADE_BILL_TOTALS_COLUMNS[0]:
+            return rows
+        if len(cells) != len(header):
+            raise WireError(f"bill line {number} has {len(cells)} cells, not {len(header)}")
+        record = {name: _bill_cell(cell) for name, cell in zip(header, cells, strict=True)}
+        try:
+            rows.append(TradeBillRow.model_validate(record))
+        except ValidationError as exc:
+            raise WireError(f"bill line {number}: {exc}") from exc
+    raise WireError("the bill lacks its totals")

@@ -96,8 +96,11 @@ def refund_order(
         raise ServiceError(ErrorKind.FORBIDDEN, "forbidden", "your role cannot refund orders")
     with order_context(order_id), transaction(ctx.sessions) as session:
         order = load_order_for(session, principal, order_id, lock=True)
-        _check_refundable(session, order, amount_fen)
         key = _staff_key(order_id, principal, idempotency_key, ctx.ids.token(8))
+        repeated = session.scalars(select(Refund).where(Refund.refund_key == key)).one_or_none()
+        if repeated is not None:
+            return _view(repeated)  # the same request again: the same refund, nothing new
+        _check_refundable(session, order, amount_fen)
         refund = request_refund(
             ctx, session, order, amount_fen, "staff", key, principal.user_id, reason
         )

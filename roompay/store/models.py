@@ -102,6 +102,13 @@ class Device(Base):
     state: Mapped[str] = mapped_column(String(16), default="idle")
     current_order_id: Mapped[str | None] = mapped_column(String(64))
     last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Broker login; only the hash of the password is kept (Mosquitto's `$7$` format).
+    # NULL on devices placed before provisioning existed: they cannot log in.
+    mqtt_username: Mapped[str | None] = mapped_column(String(64), unique=True)
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(255))
+    credentials_issued_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Which command key the device holds; the key is derived from the server secret.
+    key_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class Program(Base):

@@ -1,0 +1,212 @@
+"""What the staff dashboard shows: rooms, order search, revenue; always within the caller's hotels.
+
+Who sees what:
+
+| role | rooms | feed, orders, timeline | revenue |
+|---|---|---|---|
+| admin | all hotels | all hotels | all hotels |
+| manager | own hotel | own hotel | own hotel |
+| front_desk | own hotel | own hotel | no |
+| technician | own hotel | no | no |
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from roompay.services.auth import Principal, Role
+from roompay.services.errors import ErrorKind, ServiceError
+from roompay.services.refunds import RefundStatus
+from roompay.store.models import Device, Hotel, Order, Refund, Room
+
+ORDER_ROLES = frozenset({Role.ADMIN, Role.MANAGER, Role.FRONT_DESK})
+REVENUE_ROLES = frozenset({Role.ADMIN, Role.MANAGER})
+
+# Hotels keep their books in China Standard Time, which has no daylight saving.
+HOTEL_TZ = timezone(timedelta(hours=8), "CST")
+
+
+def require_role(principal: Principal, roles: frozenset[Role]) -> None:
+    """Refuse a caller whose role may not see this part of the dashboard."""
+    if principal.role not in roles:
+        raise ServiceError(ErrorKind.FORBIDDEN, "forbidden", "your role cannot see this page")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomTile:
+    """One appliance in the room grid, with what it is doing now."""
+
+    code: str
+    kind: str
+    hotel: str
+    room: str | None
+    state: str  # idle, running, offline or fault
+    order_id: str | None
+    ends_at: datetime | None  # when a running appliance is due to stop
+
+
+def room_grid(session: Session, hotel_scope: int | None) -> list[RoomTile]:
+    """The caller's appliances by hotel and room, with the end time of each running one."""
+    query = (
+        select(Device, Hotel.code, Room.number, Order.started_at, Order.duration_s)
+        .join(Hotel, Device.hotel_id == Hotel.id)
+        .outerjoin(Room, Device.room_id == Room.id)
+        .outerjoin(Order, Device.current_order_id == Order.id)
+        .order_by(Hotel.code, Room.number, Device.code)
+    )
+    if hotel_scope is not None:
+        query = query.where(Device.hotel_id == hotel_scope)
+    tiles = []
+    for device, hotel, room, started_at, duration_s in session.execute(query):
+        state = device.state if device.online else "offline"
+        running = state == "running" and started_at is not None and duration_s is not None
+        tiles.append(
+            RoomTile(
+                code=device.code,
+                kind=device.kind,
+                hotel=hotel,
+                room=room,
+                state=state,
+                order_id=device.current_order_id if state == "running" else None,
+                ends_at=started_at + timedelta(seconds=duration_s) if running else None,
+            )
+        )
+    return tiles
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRow:
+    """An order in a search result."""
+
+    order_id: str
+    created_at: datetime
+    status: str
+    device: str
+    room: str | None
+    program: str
+    wallet: str
+    amount_fen: int
+
+
+def _local_day_bounds(day: date) -> tuple[datetime, datetime]:
+    start = datetime.combine(day, time.min, HOTEL_TZ).astimezone(UTC)
+    return start, start + timedelta(days=1)
+
+
+def search_orders(
+    session: Session,
+    hotel_scope: int | None,
+    id_prefix: str = "",
+    device: str = "",
+    day: date | None = None,
+    limit: int = 50,
+) -> list[OrderRow]:
+    """The caller's orders, newest first, by order-id prefix, device code and local day."""
+    query = (
+        select(Order, Device.code, Room.number)
+        .join(Device, Order.device_id == Device.id)
+        .outerjoin(Room, Device.room_id == Room.id)
+        .order_by(Order.created_at.desc(), Order.id)
+        .limit(limit)
+    )
+    if hotel_scope is not None:
+        query = query.where(Order.hotel_id == hotel_scope)
+    if id_prefix:
+        escaped = id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Order.id.like(f"{escaped}%", escape="\\"))
+    if device:
+        query = query.where(Device.code == device)
+    if day is not None:
+        start, end = _local_day_bounds(day)
+        query = query.where(Order.created_at >= start, Order.created_at < end)
+    return [
+        OrderRow(
+            order_id=order.id,
+            created_at=order.created_at,
+            status=order.status,
+            device=code,
+            room=room,
+            program=order.program_code,
+            wallet=order.wallet,
+            amount_fen=order.amount_fen,
+        )
+        for order, code, room in session.execute(query)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class RevenueLine:
+    """Money of one day or one appliance kind, in fen."""
+
+    label: str
+    orders: int
+    paid_fen: int
+    refunded_fen: int
+
+    @property
+    def net_fen(self) -> int:
+        """What was kept: paid less confirmed refunds."""
+        return self.paid_fen - self.refunded_fen
+
+
+@dataclass(frozen=True, slots=True)
+class Revenue:
+    """Revenue of the caller's hotels by local day (oldest first) and by appliance kind."""
+
+    by_day: list[RevenueLine]
+    by_kind: list[RevenueLine]
+    total: RevenueLine
+
+
+def revenue(session: Session, hotel_scope: int | None, today: date, days: int = 14) -> Revenue:
+    """Paid orders and their confirmed refunds over the last `days` local days up to `today`.
+
+    A refund counts against the day and kind of the order it returns money for.
+    """
+    first = today - timedelta(days=days - 1)
+    since, _ = _local_day_bounds(first)
+    _, until = _local_day_bounds(today)
+    refunded = (
+        select(Refund.order_id, func.sum(Refund.amount_fen).label("fen"))
+        .where(Refund.status == RefundStatus.REFUNDED.value)
+        .group_by(Refund.order_id)
+        .subquery()
+    )
+    query = (
+        select(Order.paid_at, Order.paid_amount_fen, Order.amount_fen, Device.kind, refunded.c.fen)
+        .join(Device, Order.device_id == Device.id)
+        .outerjoin(refunded, refunded.c.order_id == Order.id)
+        .where(Order.paid_at.is_not(None), Order.paid_at >= since, Order.paid_at < until)
+    )
+    if hotel_scope is not None:
+        query = query.where(Order.hotel_id == hotel_scope)
+    per_day: dict[date, list[int]] = defaultdict(lambda: [0, 0, 0])
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for paid_at, paid_fen, amount_fen, kind, refunded_fen in session.execute(query):
+        paid = int(paid_fen if paid_fen is not None else amount_fen)
+        back = int(refunded_fen or 0)
+        for bucket in (per_day[paid_at.astimezone(HOTEL_TZ).date()], per_kind[kind]):
+            bucket[0] += 1
+            bucket[1] += paid
+            bucket[2] += back
+    by_day = []
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        count, paid, back = per_day.get(day, [0, 0, 0])
+        by_day.append(RevenueLine(day.isoformat(), count, paid, back))
+    by_kind = [RevenueLine(kind, *per_kind[kind]) for kind in sorted(per_kind)]
+    total = RevenueLine(
+        "total",
+        sum(line.orders for line in by_day),
+        sum(line.paid_fen for line in by_day),
+        sum(line.refunded_fen for line in by_day),
+    )
+    return Revenue(by_day, by_kind, total)
+
+
+def hotel_today(now: datetime) -> date:
+    """The hotels' local date at `now`."""
+    return now.astimezone(HOTEL_TZ).date()

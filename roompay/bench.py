@@ -7,23 +7,30 @@ reporting that it started.
 """
 
 import json
+import multiprocessing
 import socket
 import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import uvicorn
+from sqlalchemy import func, select
 
 from roompay.demo import DemoOptions, build_demo_runtime, start_agents
+from roompay.domain.catalog import Wallet
 from roompay.runtime import Runtime
+from roompay.services.checkout import CheckoutRequest, checkout
 from roompay.services.seed import ensure_demo
 from roompay.services.timeline import order_timeline
+from roompay.settings import Settings
 from roompay.store.db import transaction
+from roompay.store.models import PaymentNotice
 from roompay.web.app import create_app
 
 
@@ -121,6 +128,133 @@ def _measure(runtime: Runtime, base: str, device: str, count: int) -> JourneyFig
     )
 
 
-def write_json(figures: JourneyFigures, path: Path) -> None:
+def write_json(figures: "JourneyFigures | list[NotifyFigures]", path: Path) -> None:
     """Write figures as JSON."""
-    path.write_text(json.dumps(asdict(figures), indent=2))
+    items: list[JourneyFigures] | list[NotifyFigures] = (
+        figures if isinstance(figures, list) else [figures]
+    )
+    path.write_text(json.dumps([asdict(f) for f in items], indent=2))
+
+
+@dataclass(frozen=True)
+class NotifyFigures:
+    """Notify handling: verified, decrypted, committed with its outbox row, answered."""
+
+    backend: str
+    concurrency: int
+    count: int
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    paid: int
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def _fire(
+    url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrency: int
+) -> tuple[float, list[float]]:
+    """POST each notify once, `concurrency` at a time; return wall seconds and latencies (ms)."""
+    latencies: list[float] = []
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as http:
+
+        def one(item: tuple[bytes, dict[str, str]]) -> None:
+            start = time.perf_counter()
+            response = http.post(url, content=item[0], headers=item[1])
+            latencies.append((time.perf_counter() - start) * 1000)
+            if response.status_code not in (200, 204):
+                raise RuntimeError(f"notify refused: {response.status_code} {response.text}")
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, bodies))
+        return time.perf_counter() - started, latencies
+
+
+def _paid_count(runtime: Runtime) -> int:
+    with runtime.ctx.sessions() as session:
+        query = (
+            select(func.count()).select_from(PaymentNotice).where(PaymentNotice.outcome == "paid")
+        )
+        return int(session.scalar(query) or 0)
+
+
+def run_notify_bench(
+    database_url: str | None, count: int, concurrencies: list[int]
+) -> list[NotifyFigures]:
+    """Measure notify handling against a fresh in-process server on the given database."""
+    port = _free_port()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="roompay-bench-") as tmp:
+        options = DemoOptions("127.0.0.1", port, Path(tmp), 4, "bench", 1.0)
+        base = Settings(require_device_online=False, database_url=database_url)
+        runtime = build_demo_runtime(options, base, hold_notifies=True)
+        runtime.start()
+        with transaction(runtime.ctx.sessions) as session:
+            codes = ensure_demo(session, 4).device_codes
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(runtime, manage_runtime=False),
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        sandbox = runtime.sandbox
+        assert sandbox is not None
+        backend = runtime.engine.dialect.name
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                for concurrency in concurrencies:
+                    notifies = []
+                    paid_before = _paid_count(runtime)
+                    for _ in range(count):
+                        order = checkout(
+                            runtime.ctx, CheckoutRequest(codes[0], "dry30", Wallet.WECHAT)
+                        )
+                        held = sandbox.held_notifies
+                        before = len(held)
+                        http.post("/sandbox/pay", json={"qr": order.qr}).raise_for_status()
+                        while len(held) <= before:
+                            time.sleep(0.001)
+                        notify = held[before]
+                        notifies.append((notify.content, {"Content-Type": "application/json"}))
+                    # Fresh signatures just before firing: a notify is valid for 5 minutes
+                    signed = [
+                        (body, headers | sandbox.wechatpay.sign_notify(body))
+                        for body, headers in notifies
+                    ]
+                    # The load comes from another process, so it does not share our GIL
+                    spawn = multiprocessing.get_context("spawn")
+                    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                        wall, latencies = pool.submit(
+                            _fire,
+                            f"http://127.0.0.1:{port}/api/v1/notify/wechatpay",
+                            signed,
+                            concurrency,
+                        ).result()
+                    paid = _paid_count(runtime) - paid_before
+                    results.append(
+                        NotifyFigures(
+                            backend,
+                            concurrency,
+                            count,
+                            round(count / wall, 1),
+                            round(statistics.median(latencies), 2),
+                            round(_percentile(latencies, 0.99), 2),
+                            paid,
+                        )
+                    )
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            runtime.stop()
+    return results

@@ -147,6 +147,49 @@ def bench_journey(
         write_json(figures, json_file)
 
 
+@bench_app.command("notify")
+def bench_notify(
+    database_url: Annotated[
+        str | None, typer.Option(help="Database to run on (default: SQLite in a temp dir).")
+    ] = None,
+    count: Annotated[int, typer.Option(min=10, max=100_000, help="Notifies per run.")] = 300,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,16",
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures here.")
+    ] = None,
+) -> None:
+    """Notify handling: signature check, decryption, commit with its outbox row, reply."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from roompay.bench import run_notify_bench, write_json  # noqa: PLC0415
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter("concurrency must be integers, e.g. 1,16") from exc
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("concurrency must be positive integers, e.g. 1,16")
+    configure_logging("WARNING")
+    figures = run_notify_bench(database_url, count, levels)
+    table = Table(title="WeChat Pay notify handling (verify + decrypt + commit + reply)")
+    for column in ("backend", "concurrency", "count", "notifies/s", "p50 ms", "p99 ms", "paid"):
+        table.add_column(column, justify="right")
+    for f in figures:
+        table.add_row(
+            f.backend,
+            str(f.concurrency),
+            str(f.count),
+            f"{f.per_second:.0f}",
+            f"{f.p50_ms:.2f}",
+            f"{f.p99_ms:.2f}",
+            str(f.paid),
+        )
+    Console().print(table)
+    if json_file is not None:
+        write_json(figures, json_file)
+
+
 @app.command()
 def version(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Print the version."""

@@ -102,7 +102,9 @@ def ensure_admin(runtime: Runtime, password: str | None) -> str | None:
         return None
 
 
-def build_demo_runtime(options: DemoOptions, base: Settings | None = None) -> Runtime:
+def build_demo_runtime(
+    options: DemoOptions, base: Settings | None = None, hold_notifies: bool = False
+) -> Runtime:
     """Prepare the data directory, database, sandbox and runtime of the demo."""
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,9 @@ def build_demo_runtime(options: DemoOptions, base: Settings | None = None) -> Ru
             "mqtt_url": "embedded",
         }
     )
-    sandbox = Sandbox(data_dir / "sandbox", time_scale=settings.sandbox_time_scale)
+    sandbox = Sandbox(
+        data_dir / "sandbox", time_scale=settings.sandbox_time_scale, hold_notifies=hold_notifies
+    )
     merchant = sandbox_merchant_settings(data_dir / "merchant", sandbox, base_url)
     settings = Settings.model_validate({**settings.model_dump(), **merchant})
     upgrade(settings.resolved_database_url)

@@ -1,8 +1,39 @@
 """An MQTT broker inside the process, for development, demos and tests.
 
 It speaks MQTT 3.1.1 only (an MQTT 5 CONNECT hangs), so every client in the
-project connects with MQTTv311. It binds loopback addresses only: it has no
-password file and no ACLs, so it must never face a network.
+project connects with MQTTv311. It binds loopback addresses only: even with
+users and ACLs it falls short of Mosquitto, so it must never face a network.
+
+Without `users` it is anonymous and open. With `users` (username -> password hash in
+Mosquitto's `$7$` format, as stored on the device rows) it refuses anonymous logins
+and wrong passwords, and a device user (every user but `backend_user`) must connect
+with client id = username. With `acl_root` as well, amqtt's ACL plugin gets one entry
+per device (amqtt has no `%u` patterns): a device may subscribe only under
+`{root}/dev/{user}/cmd/#` and publish only to `{root}/dev/{user}/evt/#` and
+`{root}/dev/{user}/state`; the backend may do anything under `{root}/#`.
+
+Gaps against Mosquitto 2.0 (docs/protocol.md, "Broker security"), amqtt 0.12.1:
+
+- A refused SUBSCRIBE gets SUBACK 0x80 at once; Mosquitto grants it and filters on
+  each delivery. Either way nothing is delivered.
+- A refused PUBLISH is dropped silently; the connection stays open (as Mosquitto).
+- Only the `acl` (subscribe) and `publish_acl` config keys exist; there is no
+  receive ACL. Reading is therefore decided at SUBSCRIBE time only.
+- amqtt replays retained messages on every CONNECT for every topic filter anyone on
+  the broker holds, without an ACL check: a device would get other devices' retained
+  `state` because the server subscribes to `+/state`. `_Broker` below closes this by
+  replaying only for filters the connecting session itself holds.
+- amqtt publishes a last will without any ACL check; our auth plugin refuses a
+  CONNECT whose will topic the user may not publish to (Mosquitto does the same).
+- No `use_username_as_clientid`: a device whose client id differs from its username
+  is refused instead of renamed.
+- amqtt handles the client id before it authenticates: a refused CONNECT (no or
+  wrong password) that names a connected client's id still disconnects that client,
+  and with clean session it also discards that client's stored session and queued
+  messages. Anyone who can reach the port can knock a device off.
+- amqtt's own password file takes argon2 or bcrypt only; `$7$` hashes are checked by
+  `_PasswordHashAuthPlugin` here.
+- No persistence: sessions, queued commands and retained `state` die with the process.
 """
 
 import asyncio
@@ -10,14 +41,26 @@ import contextlib
 import ipaddress
 import logging
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.topic_checking import TopicAccessControlListPlugin
 
+from roompay.iot.credentials import (
+    BACKEND_USERNAME,
+    CredentialError,
+    check_username,
+    parse_password_hash,
+    verify_password,
+)
 from roompay.protocol.mqtt_url import MqttEndpoint
+from roompay.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +84,31 @@ def _require_loopback(host: str) -> None:
 
 
 class EmbeddedBroker:
-    """Runs an anonymous MQTT 3.1.1 broker on a loopback port in its own thread and event loop."""
+    """Runs an MQTT 3.1.1 broker on a loopback port in its own thread and event loop.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    Anonymous unless `users` is given; see the module docstring for what `users` and
+    `acl_root` enforce and where that falls short of Mosquitto.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        users: Mapping[str, str] | None = None,
+        acl_root: str | None = None,
+        *,
+        backend_user: str = BACKEND_USERNAME,
+    ) -> None:
         _require_loopback(host)
         if not 0 <= port <= 65535:
             raise ValueError(f"invalid port {port}")
+        if acl_root is not None and users is None:
+            raise ValueError("acl_root needs users: an ACL cannot tell anonymous clients apart")
+        self._users = None if users is None else _checked_users(users)
+        self._acl = (
+            None if acl_root is None or users is None else _acl(users, acl_root, backend_user)
+        )
+        self._backend_user = backend_user
         self._host = host
         self._requested_port = port
         self._port: int | None = None
@@ -133,7 +195,7 @@ class EmbeddedBroker:
 
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
-        broker = Broker(self._config(), loop=asyncio.get_running_loop())
+        broker = _Broker(self._config(), loop=asyncio.get_running_loop())
         connections: set[asyncio.Task[Any]] = set()
         # We own the listening socket and hand each stream to the broker, so port 0
         # yields the real port without a pick-then-bind race. Binding comes first so
@@ -180,11 +242,114 @@ class EmbeddedBroker:
             writer.close()
 
     def _config(self) -> dict[str, Any]:
+        plugins: dict[str, Any]
+        if self._users is None:
+            plugins = {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            }
+        else:
+            plugins = {
+                f"{__name__}._PasswordHashAuthPlugin": {
+                    "users": dict(self._users),
+                    "free_client_id": [self._backend_user],
+                    "will_acl": None if self._acl is None else self._acl.publish,
+                },
+            }
+            if self._acl is not None:
+                # Only these two keys load; `subscribe_acl` and `receive_acl` fail to.
+                plugins["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
+                    "acl": self._acl.subscribe,
+                    "publish_acl": self._acl.publish,
+                }
         return {
             "listeners": {
                 _LISTENER: {"type": "external", "bind": f"{self._host}:{self._requested_port}"},
             },
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
+            "plugins": plugins,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Acl:
+    subscribe: dict[str, list[str]]
+    publish: dict[str, list[str]]
+
+
+def _checked_users(users: Mapping[str, str]) -> dict[str, str]:
+    """Validate usernames and `$7$` hashes up front, so a typo fails at construction."""
+    checked: dict[str, str] = {}
+    for username, password_hash in users.items():
+        try:
+            check_username(username)
+            parse_password_hash(password_hash)
+        except CredentialError as exc:
+            raise ValueError(f"embedded broker user {username!r}: {exc}") from exc
+        checked[username] = password_hash
+    return checked
+
+
+def _acl(users: Mapping[str, str], root: str, backend_user: str) -> _Acl:
+    """One subscribe and one publish entry per user; amqtt cannot expand `%u`."""
+    topics = Topics(root)
+    subscribe: dict[str, list[str]] = {}
+    publish: dict[str, list[str]] = {}
+    for username in users:
+        if username == backend_user:
+            subscribe[username] = [f"{topics.root}/#"]
+            publish[username] = [f"{topics.root}/#"]
+        else:
+            subscribe[username] = [topics.device_subscription(username)]
+            publish[username] = [f"{topics.device(username)}/evt/#", topics.state(username)]
+    return _Acl(subscribe, publish)
+
+
+class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's broker without its retained-message leak on CONNECT.
+
+    On every CONNECT amqtt replays retained messages for each topic filter held by
+    any session on the broker, with no ACL check. Here a session gets retained
+    messages only for the filters it holds itself, as MQTT 3.1.1 §3.3.1.3 intends.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        holders = self._subscriptions.get(subscription[0], [])
+        if not any(holder.client_id == session.client_id for holder, _qos in holders):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
+class _PasswordHashAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
+    """Checks passwords against `$7$` hashes, client id = username, and the will topic."""
+
+    @dataclass
+    class Config:
+        """Loaded by amqtt from the `plugins` section."""
+
+        users: dict[str, str] = field(default_factory=dict)
+        # Users that may connect under any client id (the server's own account).
+        free_client_id: list[str] = field(default_factory=list)
+        # The publish ACL, applied to the will topic at CONNECT; None when no ACL is set.
+        will_acl: dict[str, list[str]] | None = None
+
+    async def authenticate(self, *, session: Any) -> bool:
+        config: _PasswordHashAuthPlugin.Config = self.context.config
+        username = getattr(session, "username", None)
+        if not username:
+            log.info("embedded broker refused an anonymous CONNECT")
+            return False
+        password_hash = config.users.get(username)
+        if password_hash is None or not verify_password(session.password or "", password_hash):
+            log.info("embedded broker refused %r: bad username or password", username)
+            return False
+        if username not in config.free_client_id and session.client_id != username:
+            log.info("embedded broker refused %r: client id must equal the username", username)
+            return False
+        if session.will_flag and config.will_acl is not None:
+            allowed = config.will_acl.get(username, [])
+            topic = session.will_topic or ""
+            if not any(TopicAccessControlListPlugin.topic_ac(topic, a) for a in allowed):
+                log.info("embedded broker refused %r: will topic %r not allowed", username, topic)
+                return False
+        return True

@@ -29,7 +29,7 @@ from roompay.iot.credentials import CredentialError, MqttAccount
 from roompay.protocol.topics import DEFAULT_ROOT, Topics
 
 CONFIG_FILE = "mosquitto.conf"
-PASSWORD_FILE = "passwd"
+PASSWORD_FILE = "passwd"  # noqa: S105 - a file name, not a password
 ACL_FILE = "acl"
 DATA_DIR = "data"
 DEFAULT_RUN_AS = "mosquitto"
@@ -178,8 +178,9 @@ def _owner(run_as: str | None) -> tuple[int, int] | None:
 
 def _hand_over(files: MosquittoFiles, owner: tuple[int, int] | None) -> None:
     """Let the broker's user read the files and write `data/`, where we may chown."""
-    os.chmod(files.directory, 0o750)
-    os.chmod(files.data_dir, 0o750)
+    # Group access only: the broker's group must enter both; others get nothing.
+    os.chmod(files.directory, 0o750)  # noqa: S103
+    os.chmod(files.data_dir, 0o750)  # noqa: S103
     if owner is None or os.geteuid() != 0:
         return
     uid, gid = owner

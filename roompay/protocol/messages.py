@@ -6,6 +6,7 @@ out on the wire (`{"state":"lost","boot_id":3}` is a complete last will).
 """
 
 import json
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Self, TypeVar
 
@@ -43,6 +44,7 @@ class RejectReason(StrEnum):
     BAD_SIG = "bad_sig"
     REPLAY = "replay"
     FAULT = "fault"
+    NOT_RUNNING = "not_running"
 
 
 class RunEventKind(StrEnum):
@@ -81,11 +83,20 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StartCommand(Message):
-    """Server -> device: run `program` for `duration_s` seconds, unless past `expires_at`.
+KeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+"""Names the device key a command is signed with, so that keys can be rotated."""
 
-    `seq`, `key_id` and `sig` are reserved for signed commands.
-    """
+Signature = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+"""HMAC-SHA256 of the command's canonical bytes, base64url without padding."""
+
+
+def _check_expiry(issued_at: datetime, expires_at: datetime) -> None:
+    if expires_at <= issued_at:
+        raise ValueError("expires_at must be later than issued_at")
+
+
+class StartCommandBody(Message):
+    """Every field of a start command that its signature covers; see `StartCommand`."""
 
     v: Literal[1] = 1
     cmd_id: Id
@@ -94,15 +105,50 @@ class StartCommand(Message):
     duration_s: PositiveInt
     issued_at: AwareDatetime
     expires_at: AwareDatetime
-    seq: NonNegativeInt | None = None
-    key_id: str | None = None
-    sig: str | None = None
+    seq: NonNegativeInt
+    key_id: KeyId
 
     @model_validator(mode="after")
     def _expires_after_issue(self) -> Self:
-        if self.expires_at <= self.issued_at:
-            raise ValueError("expires_at must be later than issued_at")
+        _check_expiry(self.issued_at, self.expires_at)
         return self
+
+
+class StartCommand(StartCommandBody):
+    """Server -> device: run `program` for `duration_s` seconds, unless past `expires_at`.
+
+    `seq` rises with every command the server issues to the device; `sig` signs the
+    rest with the device key named by `key_id` (`roompay.protocol.signing`).
+    """
+
+    sig: Signature
+
+
+class StopCommandBody(Message):
+    """Every field of a stop command that its signature covers; see `StopCommand`."""
+
+    cmd_id: Id
+    run_id: Id
+    order_id: Id
+    reason: Id
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
+    seq: NonNegativeInt
+    key_id: KeyId
+
+    @model_validator(mode="after")
+    def _expires_after_issue(self) -> Self:
+        _check_expiry(self.issued_at, self.expires_at)
+        return self
+
+
+class StopCommand(StopCommandBody):
+    """Server -> device: end run `run_id` now; the device reports it as `remote_stop`.
+
+    `reason` is the server's own words (for example `guest_request`) and is only logged.
+    """
+
+    sig: Signature
 
 
 class CommandAck(Message):
@@ -155,6 +201,37 @@ class Heartbeat(Message):
     ts: AwareDatetime
 
 
+class RunAck(Message):
+    """Server -> device: every event of run `run_id` up to `seq` is stored; drop them."""
+
+    run_id: Id
+    seq: NonNegativeInt
+
+
+class ActiveRun(Message):
+    """The run a device was in when it booted, as it goes on after the boot."""
+
+    run_id: Id
+    order_id: Id
+    cmd_id: Id
+    elapsed_s: NonNegativeInt
+    remaining_s: NonNegativeInt
+
+
+class BootEvent(Message):
+    """Device -> server, once per boot after the birth: what survived the restart.
+
+    `active_run` is the run the device resumed (None if it had none or ended it as
+    `power_loss`); `unsent_results` counts run events still waiting for a `run_ack`.
+    """
+
+    boot_id: NonNegativeInt
+    fw: str
+    active_run: ActiveRun | None = None
+    unsent_results: NonNegativeInt
+    ts: AwareDatetime
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -195,16 +272,22 @@ def _summary(exc: ValidationError) -> str:
 
 __all__ = [
     "AckStatus",
+    "ActiveRun",
+    "BootEvent",
     "CommandAck",
     "DevicePresence",
     "EndReason",
     "Heartbeat",
     "Message",
     "RejectReason",
+    "RunAck",
     "RunEvent",
     "RunEventKind",
     "StartCommand",
+    "StartCommandBody",
     "StateMessage",
+    "StopCommand",
+    "StopCommandBody",
     "decode",
     "encode",
     "peek_cmd_id",

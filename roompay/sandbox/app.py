@@ -54,8 +54,24 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+class _HoldingTransport(httpx.AsyncBaseTransport):
+    """Keeps notifications instead of sending them; the provider sees a 503 and retries."""
+
+    def __init__(self, held: list[httpx.Request]) -> None:
+        self._held = held
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        self._held.append(request)
+        return httpx.Response(503, request=request)
+
+
 class Sandbox:
-    """Both emulators with one notifier, and the guest's actions."""
+    """Both emulators with one notifier, and the guest's actions.
+
+    With `hold_notifies`, notifications are kept in `held_notifies` instead of being
+    delivered: benchmarks and demos then deliver them when and how they choose.
+    """
 
     def __init__(
         self,
@@ -63,9 +79,13 @@ class Sandbox:
         clock: Clock | None = None,
         time_scale: float = 1.0,
         notify_transport: httpx.AsyncBaseTransport | None = None,
+        hold_notifies: bool = False,
     ) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         clock = clock or SystemClock()
+        self.held_notifies: list[httpx.Request] = []
+        if hold_notifies:
+            notify_transport = _HoldingTransport(self.held_notifies)
         self.notifier = Notifier(time_scale=time_scale, transport=notify_transport)
         self.faults = Faults()
         self.wechatpay = WechatPayEmulator(state_dir, clock, self.notifier, self.faults)

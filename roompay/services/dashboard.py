@@ -62,7 +62,9 @@ def room_grid(session: Session, hotel_scope: int | None) -> list[RoomTile]:
     tiles = []
     for device, hotel, room, started_at, duration_s in session.execute(query):
         state = device.state if device.online else "offline"
-        running = state == "running" and started_at is not None and duration_s is not None
+        ends_at = None
+        if state == "running" and started_at is not None and duration_s is not None:
+            ends_at = started_at + timedelta(seconds=duration_s)
         tiles.append(
             RoomTile(
                 code=device.code,
@@ -71,7 +73,7 @@ def room_grid(session: Session, hotel_scope: int | None) -> list[RoomTile]:
                 room=room,
                 state=state,
                 order_id=device.current_order_id if state == "running" else None,
-                ends_at=started_at + timedelta(seconds=duration_s) if running else None,
+                ends_at=ends_at,
             )
         )
     return tiles

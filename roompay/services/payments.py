@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from roompay.domain.catalog import Wallet
 from roompay.domain.orders import OrderStatus, can_move
 from roompay.logs import order_context
 from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
-from roompay.protocol.messages import StartCommand
+from roompay.protocol.messages import StartCommandBody
+from roompay.protocol.signing import device_key, sign_command
 from roompay.services.context import ServiceContext
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
@@ -121,7 +123,8 @@ def apply_evidence(ctx: ServiceContext, evidence: PaymentEvidence) -> NotifyOutc
 def _apply(ctx: ServiceContext, session: Session, evidence: PaymentEvidence) -> NotifyOutcome:
     order = session.get(Order, evidence.out_trade_no, with_for_update=True)
     if order is None:
-        _remember(ctx, session, evidence, None, NotifyOutcome.ORPHAN)
+        if not _orphan_known(session, evidence):
+            _remember(ctx, session, evidence, None, NotifyOutcome.ORPHAN)
         return NotifyOutcome.ORPHAN
     if order.wallet != evidence.wallet.value:
         return NotifyOutcome.REJECTED_WALLET  # writes nothing
@@ -133,6 +136,20 @@ def _apply(ctx: ServiceContext, session: Session, evidence: PaymentEvidence) -> 
     outcome = _mark_paid(ctx, session, order, evidence)
     _remember(ctx, session, evidence, order.id, outcome)
     return outcome
+
+
+def _orphan_known(session: Session, evidence: PaymentEvidence) -> bool:
+    """Tell whether this unknown trade is already kept, so duplicates keep it once."""
+    kept = session.scalar(
+        select(PaymentNotice.id)
+        .where(
+            PaymentNotice.wallet == evidence.wallet.value,
+            PaymentNotice.out_trade_no == evidence.out_trade_no,
+            PaymentNotice.order_id.is_(None),
+        )
+        .limit(1)
+    )
+    return kept is not None
 
 
 def _remember(
@@ -198,6 +215,11 @@ def _mark_paid(
     return NotifyOutcome.PAID
 
 
+def device_key_id(device: Device) -> str:
+    """The id of the command key the device holds (rotated by provisioning)."""
+    return str(getattr(device, "key_id", None) or "k1")
+
+
 def _honour_late(ctx: ServiceContext, session: Session, order: Order) -> bool:
     """Run a late-paid order only if the policy allows and the appliance is free now."""
     if ctx.settings.late_payment_policy != "honour_if_free":
@@ -206,12 +228,28 @@ def _honour_late(ctx: ServiceContext, session: Session, order: Order) -> bool:
     return device.online and device.state == "idle" and device.current_order_id is None
 
 
+def next_command_seq(session: Session, device: Device) -> int:
+    """The device's next command sequence number; the caller holds the device's row lock.
+
+    Commands are never deleted, so their count rises with every command issued.
+    """
+    issued = session.scalar(
+        select(func.count()).select_from(Command).where(Command.device_id == device.id)
+    )
+    return int(issued or 0) + 1
+
+
 def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
-    """Write the start command for a paid order into the outbox."""
+    """Write the signed start command for a paid order into the outbox.
+
+    It is signed once, here: every re-send carries the same id, sequence number and
+    signature, so the device recognises it as the same command.
+    """
     now = ctx.clock.now()
     deadline = now + timedelta(seconds=ctx.settings.start_deadline_s)
-    device = session.get_one(Device, order.device_id)
-    command = StartCommand(
+    device = session.get_one(Device, order.device_id, with_for_update=True)
+    key_id = device_key_id(device)
+    body = StartCommandBody(
         v=1,
         cmd_id=ctx.ids.token(12),
         order_id=order.id,
@@ -219,7 +257,11 @@ def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
         duration_s=order.duration_s,
         issued_at=now,
         expires_at=deadline,
+        seq=next_command_seq(session, device),
+        key_id=key_id,
     )
+    key = device_key(ctx.settings.secret_key.encode(), device.code, key_id)
+    command = sign_command(body, key, device.code)
     row = Command(
         id=command.cmd_id,
         order_id=order.id,

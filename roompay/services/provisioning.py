@@ -219,4 +219,3 @@ def _new_code(session: Session, hotel: Hotel, kind: ApplianceKind) -> str:
         if not _code_taken(session, code):
             return code
     raise conflict("duplicate_code", "could not find a free device code; pass --code")
-

@@ -1,25 +1,43 @@
-"""Server-rendered pages: the appliance panel, the sticker page, a first dashboard."""
+"""Server-rendered pages: the appliance panel, the sticker page and the staff dashboard.
 
+Staff pages read the signed-in user from an HttpOnly cookie holding the same token as
+the API's bearer token, with the same expiry. Their forms carry a token derived from
+that cookie (and the cookie is SameSite=Lax), so another site cannot post them.
+"""
+
+import hashlib
+import hmac
 import json
+import threading
+from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
 from roompay.domain.catalog import APPLIANCE_NAMES, ApplianceKind
-from roompay.domain.money import format_cny
-from roompay.services import catalog
-from roompay.services.auth import Principal, authenticate, issue_token, read_token
-from roompay.services.errors import ServiceError
-from roompay.store.models import Order
+from roompay.domain.errors import InvalidAmountError
+from roompay.domain.money import format_cny, parse_yuan, yuan_str
+from roompay.services import catalog, dashboard, orders, staff, timeline
+from roompay.services.auth import (
+    LoginThrottle,
+    Principal,
+    authenticate,
+    issue_token,
+    read_token,
+    token_expiry,
+)
+from roompay.services.errors import ErrorKind, ServiceError
+from roompay.services.refunds import owed_total, paid_total
 from roompay.web.deps import get_ctx, get_runtime
+from roompay.web.errors import STATUS_BY_KIND
+from roompay.web.feed import COOKIE
 from roompay.web.i18n import TEXTS, pick_language
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
-COOKIE = "roompay_token"
+_THROTTLE_LOCK = threading.Lock()
 
 router = APIRouter(include_in_schema=False)
 
@@ -45,7 +63,13 @@ def _render_panel(request: Request, code: str, wallet_hint: str | None) -> HTMLR
         programs = catalog.list_programs(session, code)
     texts = TEXTS[lang]
     english, chinese = APPLIANCE_NAMES[ApplianceKind(device.kind)]
-    panel = {"device": device.code, "t": texts, "wallet_hint": wallet_hint}
+    panel = {
+        "device": device.code,
+        "t": texts,
+        "wallet_hint": wallet_hint,
+        "online": device.online,
+        "state": device.state,
+    }
     return TEMPLATES.TemplateResponse(
         request,
         "panel.html",
@@ -58,6 +82,7 @@ def _render_panel(request: Request, code: str, wallet_hint: str | None) -> HTMLR
             "unavailable": not device.online or device.state != "idle",
             "sandbox": get_runtime(request).sandbox is not None,
             "wallet_hint": wallet_hint,
+            "wallets": [wallet_hint] if wallet_hint else ["wechat", "alipay"],
             "panel_json": json.dumps(panel, ensure_ascii=False).replace("</", "<\\/"),
         },
     )
@@ -79,6 +104,14 @@ def panel(request: Request, code: str) -> HTMLResponse:
     return _render_panel(request, code, None)
 
 
+@router.get("/panel/{code}/state.json")
+def panel_state(request: Request, code: str) -> dict[str, object]:
+    """Whether the appliance can take an order now, for a panel waiting on it."""
+    with get_ctx(request).sessions() as session:
+        device = catalog.describe_device(session, code)
+    return {"device": device.code, "online": device.online, "state": device.state}
+
+
 @router.get("/d/{code}", response_class=HTMLResponse)
 def sticker(request: Request, code: str) -> HTMLResponse:
     """The page behind a screenless appliance's QR sticker; the wallet follows the app."""
@@ -93,6 +126,17 @@ def index() -> RedirectResponse:
     return RedirectResponse("/dashboard", status_code=303)
 
 
+def login_throttle(request: Request) -> LoginThrottle:
+    """The app's sign-in throttle, made on first use."""
+    state = request.app.state
+    with _THROTTLE_LOCK:
+        throttle: LoginThrottle | None = getattr(state, "login_throttle", None)
+        if throttle is None:
+            throttle = LoginThrottle(get_ctx(request).clock)
+            state.login_throttle = throttle
+    return throttle
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request) -> HTMLResponse:
     """The staff sign-in form."""
@@ -105,12 +149,15 @@ def login_form(request: Request) -> HTMLResponse:
 def login(
     request: Request, username: Annotated[str, Form()], password: Annotated[str, Form()]
 ) -> Response:
-    """Sign in and keep the token in an HttpOnly cookie."""
+    """Sign in and keep the token in an HttpOnly cookie that expires with the token."""
     ctx = get_ctx(request)
     lang = _lang(request)
+    address = request.client.host if request.client else None
     try:
         with ctx.sessions() as session:
-            principal = authenticate(session, username, password)
+            principal = authenticate(
+                session, username, password, throttle=login_throttle(request), address=address
+            )
     except ServiceError as exc:
         return TEMPLATES.TemplateResponse(
             request,
@@ -118,13 +165,30 @@ def login(
             {"lang": lang, "t": TEXTS[lang], "error": exc.message},
             status_code=401,
         )
-    token = issue_token(
-        principal, ctx.settings.secret_key, ctx.clock.now(), ctx.settings.token_ttl_s
-    )
+    now = ctx.clock.now()
+    ttl_s = ctx.settings.token_ttl_s
+    token = issue_token(principal, ctx.settings.secret_key, now, ttl_s)
+    expires = token_expiry(now, ttl_s)
     response = RedirectResponse("/dashboard", status_code=303)
     response.set_cookie(
-        COOKIE, token, httponly=True, samesite="lax", max_age=ctx.settings.token_ttl_s
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        max_age=int((expires - now).total_seconds()),
+        expires=expires,
     )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
+    """Forget the dashboard cookie."""
+    if _cookie_principal(request) is not None and not _csrf_ok(request, csrf):
+        return _denied(request, None)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, httponly=True, samesite="lax")
     return response
 
 
@@ -139,30 +203,262 @@ def _cookie_principal(request: Request) -> Principal | None:
         return None
 
 
-@router.get("/dashboard", response_class=HTMLResponse, response_model=None)
-def dashboard(request: Request) -> Response:
-    """Rooms with live device state and the latest orders of the caller's hotels."""
+def _csrf(request: Request) -> str:
+    secret = get_ctx(request).settings.secret_key.encode()
+    cookie = request.cookies.get(COOKIE, "")
+    return hmac.new(secret, f"csrf|{cookie}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _csrf_ok(request: Request, given: str) -> bool:
+    return hmac.compare_digest(_csrf(request), given)
+
+
+def _local_time(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return value.astimezone(dashboard.HOTEL_TZ).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _kind_name(kind: str, lang: str) -> str:
+    try:
+        english, chinese = APPLIANCE_NAMES[ApplianceKind(kind)]
+    except ValueError:
+        return kind
+    return chinese if lang == "zh-CN" else english
+
+
+def _render(
+    request: Request,
+    name: str,
+    principal: Principal | None,
+    status_code: int = 200,
+    **values: Any,
+) -> HTMLResponse:
+    lang = _lang(request)
+    texts = TEXTS[lang]
+    return TEMPLATES.TemplateResponse(
+        request,
+        name,
+        {
+            "lang": lang,
+            "t": texts,
+            "user": principal,
+            "csrf": _csrf(request) if principal else "",
+            "sees_orders": principal is not None and principal.role in dashboard.ORDER_ROLES,
+            "sees_revenue": principal is not None and principal.role in dashboard.REVENUE_ROLES,
+            "format_cny": format_cny,
+            "local_time": _local_time,
+            "kind_name": lambda kind: _kind_name(kind, lang),
+            "label": lambda prefix, key: texts.get(f"{prefix}_{key}", key),
+            **values,
+        },
+        status_code=status_code,
+    )
+
+
+def _not_found(request: Request, principal: Principal | None) -> HTMLResponse:
+    return _render(request, "message.html", principal, 404, title="not_found")
+
+
+def _denied(request: Request, principal: Principal | None) -> HTMLResponse:
+    return _render(request, "message.html", principal, 403, title="forbidden")
+
+
+def _staff(request: Request, roles: frozenset[Any] | None = None) -> Principal | Response:
+    """The signed-in user allowed here, or the response that turns the caller away."""
     principal = _cookie_principal(request)
     if principal is None:
         return RedirectResponse("/login", status_code=303)
+    if roles is not None and principal.role not in roles:
+        return _denied(request, principal)
+    return principal
+
+
+@router.get("/dashboard", response_class=HTMLResponse, response_model=None)
+def dashboard_page(request: Request) -> Response:
+    """Rooms with live device state, the live consumption feed and the latest orders."""
+    principal = _staff(request)
+    if isinstance(principal, Response):
+        return principal
     ctx = get_ctx(request)
-    lang = _lang(request)
     scope = principal.hotel_scope()
+    sees_orders = principal.role in dashboard.ORDER_ROLES
     with ctx.sessions() as session:
-        devices = catalog.describe_devices(session, scope)
-        query = select(Order).order_by(Order.created_at.desc()).limit(30)
-        if scope is not None:
-            query = query.where(Order.hotel_id == scope)
-        orders = list(session.scalars(query))
-    return TEMPLATES.TemplateResponse(
-        request,
-        "dashboard.html",
-        {
-            "lang": lang,
-            "t": TEXTS[lang],
-            "devices": devices,
-            "orders": orders,
-            "user": principal,
-            "format_cny": format_cny,
-        },
+        rooms = dashboard.room_grid(session, scope)
+        recent = dashboard.search_orders(session, scope, limit=20) if sees_orders else []
+    return _render(request, "dashboard.html", principal, rooms=rooms, orders=recent)
+
+
+def _tile_json(tile: dashboard.RoomTile) -> dict[str, object]:
+    return {
+        "device": tile.code,
+        "kind": tile.kind,
+        "hotel": tile.hotel,
+        "room": tile.room,
+        "state": tile.state,
+        "order_id": tile.order_id,
+        "ends_at": tile.ends_at.isoformat() if tile.ends_at else None,
+    }
+
+
+@router.get("/dashboard/rooms.json", response_model=None)
+def rooms_json(request: Request) -> Response:
+    """The room grid's live state, for the dashboard to refresh without reloading."""
+    principal = _cookie_principal(request)
+    if principal is None:
+        return JSONResponse(
+            {"error": {"code": "invalid_token", "message": "sign in first"}}, status_code=401
+        )
+    with get_ctx(request).sessions() as session:
+        tiles = dashboard.room_grid(session, principal.hotel_scope())
+    return JSONResponse(
+        {"now": get_ctx(request).clock.now().isoformat(), "rooms": [_tile_json(t) for t in tiles]}
     )
+
+
+@router.get("/dashboard/orders", response_class=HTMLResponse, response_model=None)
+def order_search(
+    request: Request,
+    q: Annotated[str, Query(max_length=64)] = "",
+    device: Annotated[str, Query(max_length=64)] = "",
+    day: Annotated[str, Query(max_length=10)] = "",
+) -> Response:
+    """Find the caller's orders by id prefix, device and date."""
+    principal = _staff(request, dashboard.ORDER_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    try:
+        on_day = date.fromisoformat(day) if day else None
+    except ValueError:
+        on_day = None
+    with get_ctx(request).sessions() as session:
+        found = dashboard.search_orders(
+            session, principal.hotel_scope(), q.strip().lower(), device.strip(), on_day
+        )
+    return _render(
+        request,
+        "orders.html",
+        principal,
+        orders=found,
+        q=q,
+        device=device,
+        day=on_day.isoformat() if on_day else "",
+    )
+
+
+def _timeline_values(request: Request, principal: Principal, order_id: str) -> dict[str, Any]:
+    ctx = get_ctx(request)
+    with ctx.sessions() as session:
+        order = staff.load_order_for(session, principal, order_id)
+        refundable = paid_total(order) - owed_total(session, order.id)
+        view = orders.get_order_view(session, order_id)
+        events = timeline.order_timeline(session, order_id)
+        device = catalog.describe_device(session, view.device)
+    refunds = staff.list_refunds(ctx, principal, order_id)
+    return {
+        "order": view,
+        "device": device,
+        "events": events,
+        "refunds": refunds,
+        "refundable_fen": refundable,
+        "refundable_yuan": yuan_str(max(refundable, 0)),
+        "can_refund": principal.role in staff.REFUND_ROLES and refundable > 0,
+        "refund_key": ctx.ids.token(8),
+        "error": None,
+        "done": request.query_params.get("refunded") == "1",
+    }
+
+
+@router.get("/dashboard/orders/{order_id}", response_class=HTMLResponse, response_model=None)
+def order_page(request: Request, order_id: str) -> Response:
+    """Every step of one order, its refunds, and the refund form."""
+    principal = _staff(request, dashboard.ORDER_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    try:
+        values = _timeline_values(request, principal, order_id)
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        raise
+    return _render(request, "order.html", principal, **values)
+
+
+@router.post(
+    "/dashboard/orders/{order_id}/refund", response_class=HTMLResponse, response_model=None
+)
+def refund_from_page(
+    request: Request,
+    order_id: str,
+    amount: Annotated[str, Form(max_length=20)],
+    reason: Annotated[str, Form(max_length=200)],
+    key: Annotated[str, Form(max_length=64)],
+    csrf: Annotated[str, Form(max_length=64)],
+) -> Response:
+    """Refund from the timeline page, through the same use case as the staff API."""
+    principal = _staff(request, dashboard.ORDER_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    ctx = get_ctx(request)
+    try:
+        try:
+            amount_fen = parse_yuan(amount)
+        except InvalidAmountError:
+            raise ServiceError(
+                ErrorKind.INVALID, "invalid_amount", f"not an amount in yuan: {amount[:20]}"
+            ) from None
+        if not reason.strip():
+            raise ServiceError(ErrorKind.INVALID, "invalid_reason", "give a reason")
+        if amount_fen <= 0:
+            raise ServiceError(ErrorKind.INVALID, "invalid_amount", "the amount must be positive")
+        staff.refund_order(ctx, principal, order_id, amount_fen, reason.strip(), key or None)
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        values = _timeline_values(request, principal, order_id)
+        values["error"] = exc.message
+        return _render(
+            request, "order.html", principal, STATUS_BY_KIND.get(exc.kind, 400), **values
+        )
+    lang = _lang(request)
+    return RedirectResponse(f"/dashboard/orders/{order_id}?refunded=1&lang={lang}", status_code=303)
+
+
+@router.get("/dashboard/revenue", response_class=HTMLResponse, response_model=None)
+def revenue_page(request: Request) -> Response:
+    """Net revenue by day and by appliance kind for the caller's hotels."""
+    principal = _staff(request, dashboard.REVENUE_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    ctx = get_ctx(request)
+    with ctx.sessions() as session:
+        result = dashboard.revenue(
+            session, principal.hotel_scope(), dashboard.hotel_today(ctx.clock.now())
+        )
+    return _render(
+        request,
+        "revenue.html",
+        principal,
+        revenue=result,
+        day_bars=_bars(result.by_day),
+        kind_bars=_bars(result.by_kind),
+        same=str,
+    )
+
+
+BAR_WIDTH = 400
+
+
+def _bars(lines: list[dashboard.RevenueLine]) -> list[dict[str, object]]:
+    """Each line with its bar length in SVG units, proportional to the largest net."""
+    top = max((line.net_fen for line in lines), default=0)
+    return [
+        {
+            "line": line,
+            "width": (line.net_fen * BAR_WIDTH // top) if top > 0 else 0,
+            "y": index * 24,
+        }
+        for index, line in enumerate(lines)
+    ]

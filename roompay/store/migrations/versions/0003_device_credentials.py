@@ -22,9 +22,7 @@ def upgrade() -> None:
             sa.Column("credentials_issued_at", sa.DateTime(timezone=True), nullable=True)
         )
         batch_op.add_column(sa.Column("key_id", sa.String(length=16), nullable=True))
-        batch_op.create_unique_constraint(
-            batch_op.f("uq_devices_mqtt_username"), ["mqtt_username"]
-        )
+        batch_op.create_unique_constraint(batch_op.f("uq_devices_mqtt_username"), ["mqtt_username"])
 
 
 def downgrade() -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from roompay.cli_fleet import register as register_fleet_commands
+from roompay.cli_money import register as register_money
 from roompay.logs import configure_logging
 
 app = typer.Typer(
@@ -18,6 +20,8 @@ app.add_typer(db_app, name="db")
 bench_app = typer.Typer(help="Performance figures measured on this machine.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 app.add_typer(bench_app, name="bench")
+register_fleet_commands(app, device_app)
+register_money(app)
 
 
 @app.command()
@@ -100,10 +104,15 @@ def db_upgrade() -> None:
 @device_app.command("run")
 def device_run(
     code: Annotated[str, typer.Option(help="The device code, [A-Za-z0-9_-]{1,64}.")],
+    key_hex: Annotated[str, typer.Option(help="The command key printed by `device add` (hex).")],
+    key_id: Annotated[str, typer.Option(help="The command key's id.")] = "k1",
     mqtt_url: Annotated[
         str, typer.Option(help="mqtt://[user:pass@]host[:port]")
     ] = "mqtt://127.0.0.1:1883",
     topic_root: Annotated[str, typer.Option(help="Topic root, as the server's.")] = "roompay/v1",
+    journal: Annotated[
+        Path | None, typer.Option(help="The device's durable journal (SQLite file).")
+    ] = None,
     time_scale: Annotated[
         float, typer.Option(min=0.001, help="Appliance seconds per real second.")
     ] = 1.0,
@@ -114,9 +123,22 @@ def device_run(
     """Run one appliance's IoT module (simulated relay) until Ctrl-C."""
     from roompay.device.agent import main  # noqa: PLC0415
 
+    try:
+        key = bytes.fromhex(key_hex)
+    except ValueError as exc:
+        raise typer.BadParameter("the key must be hexadecimal") from exc
     configure_logging()
     try:
-        main(code, mqtt_url, topic_root, time_scale, progress_every_s)
+        main(
+            code,
+            mqtt_url,
+            topic_root,
+            time_scale,
+            progress_every_s,
+            device_key=key,
+            key_id=key_id,
+            journal_path=journal,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

@@ -59,6 +59,7 @@ def device_add(
         "mqtt_username": credentials.mqtt_username,
         "mqtt_password": credentials.mqtt_password,
         "key_id": credentials.key_id,
+        "command_key_hex": _command_key_hex(placed.code, credentials.key_id),
     }
     if as_json:
         typer.echo(json.dumps(record))
@@ -66,7 +67,20 @@ def device_add(
         return
     where = f"hotel {placed.hotel_code}" + (f", room {placed.room}" if placed.room else "")
     typer.echo(f"device {placed.code} ({placed.kind.value}) placed in {where}")
-    _echo_credentials(credentials.mqtt_username, credentials.mqtt_password, credentials.key_id)
+    _echo_credentials(
+        credentials.mqtt_username,
+        credentials.mqtt_password,
+        credentials.key_id,
+        str(record["command_key_hex"]),
+    )
+
+
+def _command_key_hex(code: str, key_id: str) -> str:
+    """The key the device verifies its commands with, derived from the server's secret."""
+    from roompay.protocol.signing import device_key  # noqa: PLC0415
+    from roompay.settings import Settings  # noqa: PLC0415
+
+    return device_key(Settings().secret_key.encode(), code, key_id).hex()
 
 
 def device_rotate_password(
@@ -149,10 +163,14 @@ def broker_mosquitto_config(
     typer.echo("after regenerating, reload a running broker with SIGHUP (kill -HUP <pid>)")
 
 
-def _echo_credentials(username: str, password: str, key_id: str) -> None:
+def _echo_credentials(
+    username: str, password: str, key_id: str, key_hex: str | None = None
+) -> None:
     typer.echo(f"MQTT username:  {username}")
     typer.echo(f"MQTT password:  {password}")
     typer.echo(f"command key id: {key_id}")
+    if key_hex is not None:
+        typer.echo(f"command key:    {key_hex}")
     typer.echo(SHOWN_ONCE)
 
 

@@ -19,6 +19,7 @@ from roompay.device.relay import SimulatedRelay
 from roompay.payments import crypto
 from roompay.payments.factory import build_providers
 from roompay.protocol.mqtt_url import parse_mqtt_url
+from roompay.protocol.signing import device_key
 from roompay.runtime import Runtime
 from roompay.sandbox.app import Sandbox
 from roompay.services.auth import Role, create_user, hash_password
@@ -129,6 +130,9 @@ def build_demo_runtime(
 def start_agents(runtime: Runtime, codes: list[str], time_scale: float) -> list[DeviceAgent]:
     """Connect one simulated appliance per device code to the runtime's broker."""
     endpoint = parse_mqtt_url(runtime.mqtt_endpoint_url())
+    secret = runtime.settings.secret_key.encode()
+    journals = runtime.settings.data_dir / "devices"
+    journals.mkdir(parents=True, exist_ok=True)
     agents = []
     for code in codes:
         agent = DeviceAgent(
@@ -136,6 +140,9 @@ def start_agents(runtime: Runtime, codes: list[str], time_scale: float) -> list[
             endpoint,
             runtime.topics,
             SimulatedRelay(),
+            device_key=device_key(secret, code, "k1"),
+            key_id="k1",
+            journal_path=journals / f"{code}.journal",
             time_scale=time_scale,
             progress_every_s=60.0,
             heartbeat_s=30.0,

@@ -14,6 +14,7 @@ from roompay.domain.catalog import Wallet
 from roompay.iot.broker import EmbeddedBroker
 from roompay.iot.link import MqttLink
 from roompay.payments.base import PaymentProvider
+from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
 from roompay.protocol.topics import ParsedTopic, Topics
 from roompay.services.context import ServiceContext
@@ -98,6 +99,9 @@ class Runtime:
         presence = PeriodicWorker("presence", lambda: mark_silent_devices_offline(ctx), 10.0)
         ctx.on_commands_queued = dispatcher.wake
         ctx.on_refunds_queued = refunds.wake
+        ctx.on_run_event_stored = lambda code, run_id, seq: link.publish_run_ack(
+            code, RunAck(run_id=run_id, seq=seq)
+        )
         self.workers = [dispatcher, refunds, checkouts, presence]
         for worker in self.workers:
             worker.start()

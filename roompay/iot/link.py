@@ -15,7 +15,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from roompay.iot.client import StartupLatch, bring_up, new_client, shut_down
 from roompay.protocol.errors import InvalidTopicError, LinkError
-from roompay.protocol.messages import StartCommand, encode
+from roompay.protocol.messages import RunAck, StartCommand, encode
 from roompay.protocol.mqtt_url import MqttEndpoint
 from roompay.protocol.topics import CommandName, ParsedTopic, Topics
 
@@ -76,6 +76,10 @@ class MqttLink:
     def publish_start(self, code: str, cmd: StartCommand) -> None:
         """Send a start command to device `code` at QoS 1, never retained."""
         self.publish(self._topics.command(code, CommandName.START), encode(cmd), qos=1)
+
+    def publish_run_ack(self, code: str, ack: RunAck) -> None:
+        """Tell device `code` that its run events up to `ack.seq` are stored (QoS 1)."""
+        self.publish(self._topics.command(code, CommandName.RUN_ACK), encode(ack), qos=1)
 
     def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False) -> None:
         """Queue a message; with QoS > 0 paho keeps it across a reconnect. Thread-safe."""

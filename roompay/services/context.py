@@ -25,6 +25,8 @@ class ServiceContext:
     # Called after a transaction has queued commands or refunds, so workers wake at once.
     on_commands_queued: Callable[[], None] = field(default=lambda: None)
     on_refunds_queued: Callable[[], None] = field(default=lambda: None)
+    # Called after a run event is stored, to acknowledge it to the device (code, run, seq).
+    on_run_event_stored: Callable[[str, str, int], None] = field(default=lambda *_: None)
 
     def provider(self, wallet: Wallet) -> PaymentProvider:
         """Return the provider for a wallet; raises KeyError if it is not configured."""

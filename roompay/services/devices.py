@@ -18,6 +18,7 @@ from roompay.logs import order_context
 from roompay.protocol.errors import ProtocolError
 from roompay.protocol.messages import (
     AckStatus,
+    BootEvent,
     CommandAck,
     DevicePresence,
     EndReason,
@@ -47,6 +48,8 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
             _on_ack(ctx, topic.code, decode(CommandAck, payload))
         elif topic.kind == "evt" and topic.name == "run":
             _on_run(ctx, topic.code, decode(RunEvent, payload))
+        elif topic.kind == "evt" and topic.name == "boot":
+            _on_boot(ctx, topic.code, decode(BootEvent, payload))
         elif topic.kind == "evt" and topic.name == "hb":
             _on_heartbeat(ctx, topic.code, decode(Heartbeat, payload))
         else:
@@ -102,6 +105,20 @@ def mark_silent_devices_offline(ctx: ServiceContext) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _on_boot(ctx: ServiceContext, code: str, boot: BootEvent) -> None:
+    """A device rebooted: whatever it has not answered yet, it gets again now."""
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        if device is None or boot.boot_id < device.boot_id:
+            return
+        device.boot_id = boot.boot_id
+        device.last_seen_at = now
+        resend = _resend_open_commands(session, device, now) > 0
+    if resend:
+        ctx.on_commands_queued()
+
+
 def _on_heartbeat(ctx: ServiceContext, code: str, _message: Heartbeat) -> None:
     with transaction(ctx.sessions) as session:
         device = _device(session, code)
@@ -144,18 +161,27 @@ def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: Com
 
 
 def _on_run(ctx: ServiceContext, code: str, event: RunEvent) -> None:
-    with order_context(event.order_id), transaction(ctx.sessions) as session:
+    with order_context(event.order_id):
+        if _apply_run_event(ctx, code, event):
+            # Stored (now or before): the device may drop it from its outbox.
+            ctx.on_run_event_stored(code, event.run_id, event.seq)
+
+
+def _apply_run_event(ctx: ServiceContext, code: str, event: RunEvent) -> bool:
+    """Apply a run event once; tell whether it is stored (False: not this device's)."""
+    with transaction(ctx.sessions) as session:
         device = _device(session, code)
         order = session.get(Order, event.order_id, with_for_update=True)
         if device is None or order is None or order.device_id != device.id:
             log.warning("run event for an order %s not placed on %s", event.order_id, code)
-            return
+            return False
         if not _first_time(ctx, session, device, order, event):
-            return
+            return True
         if event.event is RunEventKind.STARTED:
             _started(ctx, session, device, order, event)
         elif event.event is RunEventKind.ENDED:
             _ended(ctx, session, device, order, event)
+        return True
 
 
 def _first_time(

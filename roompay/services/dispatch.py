@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roompay.logs import order_context
-from roompay.protocol.messages import StartCommand
+from roompay.protocol.messages import RunAck, StartCommand
 from roompay.services.context import ServiceContext
 from roompay.services.refunds import paid_total, request_refund
 from roompay.services.timeline import record_event
@@ -36,6 +36,10 @@ class CommandPublisher(Protocol):
 
     def publish_start(self, code: str, command: StartCommand) -> None:
         """Send a start command to the device with this code."""
+        ...
+
+    def publish_run_ack(self, code: str, ack: RunAck) -> None:
+        """Tell the device its run events up to `ack.seq` are stored."""
         ...
 
 

@@ -21,6 +21,7 @@ from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
 from roompay.protocol.messages import StartCommandBody
 from roompay.protocol.signing import device_key, sign_command
 from roompay.services.context import ServiceContext
+from roompay.services.ledger import post_payment
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
@@ -204,20 +205,24 @@ def _mark_paid(
             paid_fen=evidence.amount_fen,
             price_fen=order.amount_fen,
         )
+        # The money passes through suspense, not revenue: it all goes back.
+        post_payment(session, order, now, suspense=True)
         request_refund(
             ctx, session, order, evidence.amount_fen, "amount_mismatch", f"{order.id}-mismatch"
         )
         return NotifyOutcome.FLAGGED_AMOUNT
     if late and not _honour_late(ctx, session, order):
+        post_payment(session, order, now, suspense=True)
         request_refund(ctx, session, order, order.amount_fen, "late_payment", f"{order.id}-late")
         return NotifyOutcome.PAID_LATE_REFUNDING
+    post_payment(session, order, now, suspense=False)
     queue_start(ctx, session, order)
     return NotifyOutcome.PAID
 
 
 def device_key_id(device: Device) -> str:
     """The id of the command key the device holds (rotated by provisioning)."""
-    return str(getattr(device, "key_id", None) or "k1")
+    return device.key_id or "k1"
 
 
 def _honour_late(ctx: ServiceContext, session: Session, order: Order) -> bool:

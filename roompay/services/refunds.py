@@ -21,6 +21,7 @@ from roompay.logs import order_context
 from roompay.payments.base import RefundOutcome, RefundRequest, RefundState
 from roompay.payments.errors import PaymentError, ProviderUnavailableError
 from roompay.services.context import ServiceContext
+from roompay.services.ledger import post_refund
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
 from roompay.store.models import Order, Refund
@@ -234,6 +235,7 @@ def _apply_outcome(ctx: ServiceContext, claim: _Claim, outcome: RefundOutcome) -
                 key=claim.key,
                 amount_fen=refund.amount_fen,
             )
+            post_refund(session, refund, now)
             settle_order_status(session, claim.order_id)
         elif outcome.state is RefundState.PROCESSING:
             refund.status = RefundStatus.PROCESSING.value

@@ -1,11 +1,13 @@
 """The demo hotel: an operator, a hotel with rooms, appliances of all four kinds."""
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roompay.domain.catalog import ApplianceKind, default_programs
+from roompay.services.ledger import DEFAULT_CONTRACT, add_contract
 from roompay.store.models import Device, Hotel, Operator, Program, Room
 
 KIND_PREFIX = {
@@ -40,6 +42,8 @@ def create_hotel(session: Session, operator: Operator, code: str, name: str, roo
     hotel = Hotel(operator_id=operator.id, code=code, name=name)
     session.add(hotel)
     session.flush()
+    # New hotels start on the default terms (30 % of gross, from the epoch).
+    add_contract(session, hotel.id, DEFAULT_CONTRACT, datetime.now(UTC))
     for index in range(rooms):
         floor, number = divmod(index, 20)
         session.add(Room(hotel_id=hotel.id, number=f"{floor + 1}{number + 1:02d}"))

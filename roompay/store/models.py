@@ -1,12 +1,13 @@
 """Tables. One schema for SQLite and PostgreSQL, created only by the migrations."""
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -268,3 +269,135 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(32))
     hotel_id: Mapped[int | None] = mapped_column(ForeignKey("hotels.id"))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class HotelContract(Base):
+    """A hotel's revenue share from a date on; a later row supersedes it from its date."""
+
+    __tablename__ = "hotel_contracts"
+    __table_args__ = (UniqueConstraint("hotel_id", "effective_from"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hotel_id: Mapped[int] = mapped_column(ForeignKey("hotels.id"))
+    effective_from: Mapped[date] = mapped_column(Date)
+    share_bp: Mapped[int] = mapped_column(Integer)
+    basis: Mapped[str] = mapped_column(String(16))
+    min_monthly_guarantee_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ProviderFeeSchedule(Base):
+    """A provider's fee rate from a date on."""
+
+    __tablename__ = "provider_fee_schedules"
+    __table_args__ = (UniqueConstraint("wallet", "effective_from"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wallet: Mapped[str] = mapped_column(String(16))
+    effective_from: Mapped[date] = mapped_column(Date)
+    rate_bp: Mapped[int] = mapped_column(Integer)
+    refund_rule: Mapped[str] = mapped_column(String(16))
+
+
+class LedgerEntry(Base):
+    """One balanced journal entry; append-only, posted once per (kind, source key)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("kind", "source_key"),
+        Index("ix_ledger_entries_hotel_booked", "hotel_id", "booked_on"),
+        Index("ix_ledger_entries_wallet_booked", "wallet", "booked_on"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    source_key: Mapped[str] = mapped_column(String(128))
+    posted_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # When the money moved (the provider's time where known), and its Beijing day.
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    booked_on: Mapped[date] = mapped_column(Date)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True)
+    hotel_id: Mapped[int] = mapped_column(ForeignKey("hotels.id"))
+    wallet: Mapped[str | None] = mapped_column(String(16))
+
+
+class LedgerLine(Base):
+    """One debit or credit of an entry, in fen; exactly one of the two is non-zero."""
+
+    __tablename__ = "ledger_lines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"), index=True)
+    account: Mapped[str] = mapped_column(String(64), index=True)
+    debit_fen: Mapped[int] = mapped_column(BigInteger)
+    credit_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class Statement(Base):
+    """An issued settlement statement of one hotel for one period; never changed."""
+
+    __tablename__ = "statements"
+    __table_args__ = (UniqueConstraint("hotel_id", "period"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hotel_id: Mapped[int] = mapped_column(ForeignKey("hotels.id"))
+    period: Mapped[str] = mapped_column(String(10))
+    granularity: Mapped[str] = mapped_column(String(8))
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    orders_count: Mapped[int] = mapped_column(Integer)
+    refunds_count: Mapped[int] = mapped_column(Integer)
+    gross_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger)
+    fee_fen: Mapped[int] = mapped_column(BigInteger)
+    hotel_fen: Mapped[int] = mapped_column(BigInteger)
+    manufacturer_fen: Mapped[int] = mapped_column(BigInteger)
+    suspense_fen: Mapped[int] = mapped_column(BigInteger)
+    guarantee_fen: Mapped[int] = mapped_column(BigInteger)
+    lines_hash: Mapped[str] = mapped_column(String(64))
+
+
+class StatementEntry(Base):
+    """A ledger entry counted in a statement; once per granularity, so never twice."""
+
+    __tablename__ = "statement_entries"
+    __table_args__ = (UniqueConstraint("granularity", "entry_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    statement_id: Mapped[int] = mapped_column(ForeignKey("statements.id"), index=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("ledger_entries.id"))
+    granularity: Mapped[str] = mapped_column(String(8))
+
+
+class ReconciliationReport(Base):
+    """One comparison of a provider's daily bill with the ledger; versions are kept."""
+
+    __tablename__ = "reconciliation_reports"
+    __table_args__ = (UniqueConstraint("bill_date", "wallet", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bill_date: Mapped[date] = mapped_column(Date)
+    wallet: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ReconciliationLine(Base):
+    """One bill line or ledger entry of a report, and the class it fell in."""
+
+    __tablename__ = "reconciliation_lines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reconciliation_reports.id"), index=True)
+    outcome: Mapped[str] = mapped_column(String(24))
+    kind: Mapped[str] = mapped_column(String(16))
+    out_trade_no: Mapped[str] = mapped_column(String(64))
+    refund_key: Mapped[str | None] = mapped_column(String(64))
+    ours_fen: Mapped[int | None] = mapped_column(BigInteger)
+    theirs_fen: Mapped[int | None] = mapped_column(BigInteger)
+    our_fee_fen: Mapped[int | None] = mapped_column(BigInteger)
+    their_fee_fen: Mapped[int | None] = mapped_column(BigInteger)
+    note: Mapped[str] = mapped_column(String(200), default="")
+
+
+class OrderFunds(Base):
+    """An order whose payment a provider's bill confirmed: its funds arrived."""
+
+    __tablename__ = "order_funds"
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), primary_key=True)
+    wallet: Mapped[str] = mapped_column(String(16))
+    bill_date: Mapped[date] = mapped_column(Date)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reconciliation_reports.id"))
+    confirmed_at: Mapped[datetime] = mapped_column(UtcDateTime())

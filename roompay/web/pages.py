@@ -31,6 +31,7 @@ from roompay.services.auth import (
 )
 from roompay.services.errors import ErrorKind, ServiceError
 from roompay.services.refunds import owed_total, paid_total
+from roompay.web import feed
 from roompay.web.deps import get_ctx, get_runtime
 from roompay.web.errors import STATUS_BY_KIND
 from roompay.web.feed import COOKIE
@@ -40,6 +41,8 @@ TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 _THROTTLE_LOCK = threading.Lock()
 
 router = APIRouter(include_in_schema=False)
+# The feed is an API route, but only the dashboard gives it a reason to exist.
+router.include_router(feed.router)
 
 
 def _lang(request: Request) -> str:
@@ -360,6 +363,7 @@ def _timeline_values(request: Request, principal: Principal, order_id: str) -> d
         "device": device,
         "events": events,
         "refunds": refunds,
+        "notes": {r.refund_key: r.note for r in refunds if r.note},
         "refundable_fen": refundable,
         "refundable_yuan": yuan_str(max(refundable, 0)),
         "can_refund": principal.role in staff.REFUND_ROLES and refundable > 0,

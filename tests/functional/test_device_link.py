@@ -1,10 +1,14 @@
 """The device link end to end: server link -> real broker -> device agent -> relay.
 
 Every test runs against the embedded broker and against Mosquitto, each under its
-own topic root so that runs sharing one Mosquitto never see each other.
+own topic root so that runs sharing one Mosquitto never see each other. The
+exactly-once and safety rules have their own module, `test_device_safety`.
 """
 
-import os
+# The shared fixtures are imported by name and requested as parameters, which
+# pyflakes reads as redefinitions.
+# ruff: noqa: F811
+
 import secrets
 import signal
 import subprocess
@@ -12,16 +16,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from roompay.device.agent import DeviceAgent
-from roompay.device.relay import SimulatedRelay
 from roompay.iot.broker import EmbeddedBroker, EmbeddedBrokerError
 from roompay.iot.link import MqttLink
 from roompay.protocol import (
@@ -30,203 +28,45 @@ from roompay.protocol import (
     EventName,
     MqttEndpoint,
     ParsedTopic,
-    TopicKind,
     Topics,
-    parse_mqtt_url,
 )
 from roompay.protocol.messages import (
     AckStatus,
-    CommandAck,
     DevicePresence,
     EndReason,
     Heartbeat,
-    RunEvent,
     RunEventKind,
-    StartCommand,
     StateMessage,
     decode,
 )
-
-MOSQUITTO_URL = os.environ.get("ROOMPAY_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
-WAIT_S = 10.0
-# A fresh interpreter importing pydantic and paho takes seconds on a loaded machine.
-SPAWN_WAIT_S = 30.0
-T = TypeVar("T")
-
-
-# --- fixtures -----------------------------------------------------------------
-
-
-@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.services)])
-def endpoint(request: pytest.FixtureRequest) -> Iterator[MqttEndpoint]:
-    if request.param == "embedded":
-        with EmbeddedBroker() as broker:
-            yield broker.endpoint
-    else:
-        yield parse_mqtt_url(MOSQUITTO_URL)
-
-
-@pytest.fixture
-def topics() -> Topics:
-    return Topics(f"t-{secrets.token_hex(6)}/v1")
-
-
-@dataclass(frozen=True)
-class Received:
-    topic: str
-    parsed: ParsedTopic
-    payload: bytes
-
-
-class Inbox:
-    """Collects what the server link receives and lets a test wait for a message."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._messages: list[Received] = []
-
-    def __call__(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
-        with self._changed:
-            self._messages.append(Received(topic, parsed, payload))
-            self._changed.notify_all()
-
-    def wait_for(self, pick: Callable[[list[Received]], T | None], timeout_s: float = WAIT_S) -> T:
-        with self._changed:
-            found = self._changed.wait_for(lambda: pick(self._messages), timeout_s)
-            if not found:
-                raise AssertionError(f"timed out; received {[m.topic for m in self._messages]}")
-            return found
-
-    def acks(self, code: str) -> list[CommandAck]:
-        return [decode(CommandAck, m.payload) for m in self._of(code, EventName.ACK)]
-
-    def runs(self, code: str) -> list[RunEvent]:
-        return [decode(RunEvent, m.payload) for m in self._of(code, EventName.RUN)]
-
-    def states(self, code: str) -> list[StateMessage]:
-        return [
-            decode(StateMessage, m.payload)
-            for m in self._snapshot()
-            if m.parsed.code == code and m.parsed.kind is TopicKind.STATE and m.payload
-        ]
-
-    def wait_acks(self, code: str, count: int) -> list[CommandAck]:
-        return self.wait_for(lambda _: acks if len(acks := self.acks(code)) >= count else None)
-
-    def wait_run_event(self, code: str, kind: RunEventKind) -> RunEvent:
-        return self.wait_for(lambda _: next((e for e in self.runs(code) if e.event is kind), None))
-
-    def wait_state(
-        self, code: str, presence: DevicePresence, timeout_s: float = WAIT_S
-    ) -> StateMessage:
-        return self.wait_for(
-            lambda _: next((s for s in self.states(code) if s.state is presence), None),
-            timeout_s,
-        )
-
-    def _of(self, code: str, name: EventName) -> list[Received]:
-        return [m for m in self._snapshot() if m.parsed.code == code and m.parsed.name is name]
-
-    def _snapshot(self) -> list[Received]:
-        with self._changed:
-            return list(self._messages)
-
-
-@dataclass(frozen=True)
-class Server:
-    link: MqttLink
-    inbox: Inbox
-
-
-@pytest.fixture
-def make_server(endpoint: MqttEndpoint, topics: Topics) -> Iterator[Callable[[], Server]]:
-    links: list[MqttLink] = []
-
-    def make() -> Server:
-        inbox = Inbox()
-        link = MqttLink(endpoint, topics, f"srv-{secrets.token_hex(6)}", inbox)
-        link.start(timeout_s=WAIT_S)
-        links.append(link)
-        return Server(link, inbox)
-
-    yield make
-    for link in links:
-        link.stop()
-
-
-@pytest.fixture
-def server(make_server: Callable[[], Server]) -> Server:
-    return make_server()
-
-
-@pytest.fixture
-def code(endpoint: MqttEndpoint, topics: Topics) -> Iterator[str]:
-    device_code = f"dev-{secrets.token_hex(4)}"
-    yield device_code
-    _forget_device(endpoint, topics, device_code)
-
-
-def _forget_device(endpoint: MqttEndpoint, topics: Topics, device_code: str) -> None:
-    """Drop the device's persistent session and retained state from a shared broker."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=device_code,
-        clean_session=True,
-        protocol=mqtt.MQTTv311,
-    )
-    client.connect(endpoint.host, endpoint.port)
-    client.loop_start()
-    client.publish(topics.state(device_code), b"", qos=1, retain=True).wait_for_publish(WAIT_S)
-    client.disconnect()
-    client.loop_stop()
-
-
-@pytest.fixture
-def make_agent(
-    endpoint: MqttEndpoint, topics: Topics, code: str
-) -> Iterator[Callable[..., tuple[DeviceAgent, SimulatedRelay]]]:
-    agents: list[DeviceAgent] = []
-
-    def make(**options: Any) -> tuple[DeviceAgent, SimulatedRelay]:
-        relay = SimulatedRelay()
-        agent = DeviceAgent(code, endpoint, topics, relay, **options)
-        agent.start(timeout_s=WAIT_S)
-        agents.append(agent)
-        return agent, relay
-
-    yield make
-    for agent in agents:
-        agent.stop()
-
-
-def start_command(
-    cmd_id: str = "cmd-1", duration_s: int = 1800, **overrides: object
-) -> StartCommand:
-    now = datetime.now(UTC)
-    fields: dict[str, object] = {
-        "cmd_id": cmd_id,
-        "order_id": f"order-{cmd_id}",
-        "program": "massage-30",
-        "duration_s": duration_s,
-        "issued_at": now,
-        "expires_at": now + timedelta(minutes=3),
-    }
-    fields.update(overrides)
-    return StartCommand.model_validate(fields)
-
+from tests.functional.device_harness import (  # noqa: F401 (fixtures, requested by name)
+    SPAWN_WAIT_S,
+    WAIT_S,
+    AgentFactory,
+    Commands,
+    Server,
+    code,
+    commands,
+    endpoint,
+    key_for,
+    make_agent,
+    make_server,
+    server,
+    topics,
+)
 
 # --- the happy path -----------------------------------------------------------
 
 
 def test_start_command_runs_the_program_on_scaled_device_time(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
+    server: Server, make_agent: AgentFactory, code: str, commands: Commands
 ) -> None:
     # Given a device whose clock runs 1000x fast, reporting progress every 5 device minutes
     _agent, relay = make_agent(time_scale=1000.0, progress_every_s=300.0)
-    command = start_command(duration_s=1800)
+    command = commands.start(duration_s=1800)
 
     # When the server sends a 30-minute program
-    server.link.publish_start(code, command)
+    server.send(code, command)
     ended = server.inbox.wait_run_event(code, RunEventKind.ENDED)
 
     # Then the device accepted it, ran it once and reported every step in order
@@ -235,7 +75,7 @@ def test_start_command_runs_the_program_on_scaled_device_time(
     assert ack.status is AckStatus.ACCEPTED
     assert ack.reason is None
     assert ack.run_id is not None
-    events = server.inbox.runs(code)
+    events = server.inbox.distinct_runs(code)
     assert [(e.event, e.seq, e.elapsed_s, e.remaining_s) for e in events] == [
         (RunEventKind.STARTED, 0, 0, 1800),
         (RunEventKind.PROGRESS, 1, 300, 1500),
@@ -256,21 +96,34 @@ def test_start_command_runs_the_program_on_scaled_device_time(
     assert relay.is_on is False
 
 
-def test_device_announces_itself_online_with_its_boot_id(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
+def test_device_announces_itself_online_then_its_boot(
+    server: Server, make_agent: AgentFactory, code: str
 ) -> None:
-    make_agent(boot_id=7)
+    agent, _relay = make_agent()
 
     online = server.inbox.wait_state(code, DevicePresence.ONLINE)
+    boot = server.inbox.wait_boot(code, 1)
 
-    assert online.boot_id == 7
+    assert agent.boot_id == 1
+    assert online.boot_id == 1
     assert online.fw == "roompay-sim/0.1.0"
     assert online.ts is not None
+    assert (boot.fw, boot.active_run, boot.unsent_results) == ("roompay-sim/0.1.0", None, 0)
 
 
-def test_device_sends_heartbeats(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
+def test_boot_id_rises_with_every_start_on_the_same_journal(
+    server: Server, make_agent: AgentFactory, code: str, tmp_path: Path
 ) -> None:
+    first, _relay = make_agent(journal_path=tmp_path / "journal.db")
+    first.stop()
+
+    second, _relay = make_agent(journal_path=tmp_path / "journal.db")
+
+    assert (first.boot_id, second.boot_id) == (1, 2)
+    assert server.inbox.wait_boot(code, 2).boot_id == 2
+
+
+def test_device_sends_heartbeats(server: Server, make_agent: AgentFactory, code: str) -> None:
     make_agent(heartbeat_s=0.05)
 
     received = server.inbox.wait_for(
@@ -286,13 +139,13 @@ def test_device_sends_heartbeats(
 
 
 def test_same_cmd_id_twice_runs_once_and_answers_duplicate(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
+    server: Server, make_agent: AgentFactory, code: str, commands: Commands
 ) -> None:
     _agent, relay = make_agent(time_scale=1000.0, progress_every_s=600.0)
-    command = start_command(duration_s=600)
+    command = commands.start(duration_s=600)
 
-    server.link.publish_start(code, command)
-    server.link.publish_start(code, command)
+    server.send(code, command)
+    server.send(code, command)
     accepted, duplicate = server.inbox.wait_acks(code, 2)
     server.inbox.wait_run_event(code, RunEventKind.ENDED)
 
@@ -300,37 +153,23 @@ def test_same_cmd_id_twice_runs_once_and_answers_duplicate(
     assert duplicate == accepted.model_copy(
         update={"status": AckStatus.DUPLICATE, "ts": duplicate.ts}
     )
-    assert [e.event for e in server.inbox.runs(code)] == [RunEventKind.STARTED, RunEventKind.ENDED]
+    assert [e.event for e in server.inbox.distinct_runs(code)] == [
+        RunEventKind.STARTED,
+        RunEventKind.ENDED,
+    ]
     assert len(relay.on_periods()) == 1
 
 
-def test_expired_command_is_rejected_and_never_switches_the_relay(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
-) -> None:
-    _agent, relay = make_agent(time_scale=1000.0)
-    long_ago = datetime.now(UTC) - timedelta(minutes=10)
-    command = start_command(issued_at=long_ago, expires_at=long_ago + timedelta(minutes=3))
-
-    server.link.publish_start(code, command)
-    [ack] = server.inbox.wait_acks(code, 1)
-
-    assert ack.status is AckStatus.REJECTED
-    assert ack.reason == "expired"
-    assert ack.run_id is None
-    assert relay.switches == []
-    assert server.inbox.runs(code) == []
-
-
 def test_start_while_busy_is_rejected(
-    server: Server, make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]], code: str
+    server: Server, make_agent: AgentFactory, code: str, commands: Commands
 ) -> None:
     # Given a device in the middle of a one-hour run at normal speed
     agent, relay = make_agent()
-    server.link.publish_start(code, start_command("cmd-a", duration_s=3600))
+    server.send(code, commands.start("cmd-a", duration_s=3600))
     server.inbox.wait_run_event(code, RunEventKind.STARTED)
 
     # When another order's command arrives
-    server.link.publish_start(code, start_command("cmd-b"))
+    server.send(code, commands.start("cmd-b"))
     first, second = server.inbox.wait_acks(code, 2)
 
     # Then it is refused and the first run goes on alone
@@ -350,10 +189,7 @@ def test_start_while_busy_is_rejected(
 
 
 def test_bad_payload_with_a_cmd_id_is_rejected(
-    server: Server,
-    make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]],
-    code: str,
-    topics: Topics,
+    server: Server, make_agent: AgentFactory, code: str, topics: Topics
 ) -> None:
     _agent, relay = make_agent()
 
@@ -371,24 +207,22 @@ def test_bad_payload_with_a_cmd_id_is_rejected(
 
 
 def test_stop_leaves_a_retained_offline_for_new_subscribers(
-    make_server: Callable[[], Server],
-    make_agent: Callable[..., tuple[DeviceAgent, SimulatedRelay]],
-    code: str,
+    make_server: Callable[..., Server], make_agent: AgentFactory, code: str
 ) -> None:
-    agent, _relay = make_agent(boot_id=4)
+    agent, _relay = make_agent()
 
     agent.stop()
     late_server = make_server()
 
     offline = late_server.inbox.wait_state(code, DevicePresence.OFFLINE)
-    assert offline.boot_id == 4
+    assert offline.boot_id == 1
     assert [s.state for s in late_server.inbox.states(code)] == [DevicePresence.OFFLINE]
 
 
 def test_killed_device_process_leaves_a_lost_will(
-    server: Server, endpoint: MqttEndpoint, topics: Topics, code: str
+    server: Server, endpoint: MqttEndpoint, topics: Topics, code: str, tmp_path: Path
 ) -> None:
-    with device_process(endpoint, topics, code) as device:
+    with device_process(endpoint, topics, code, tmp_path / "journal.db") as device:
         server.inbox.wait_state(code, DevicePresence.ONLINE, timeout_s=SPAWN_WAIT_S)
 
         device.kill()
@@ -399,12 +233,17 @@ def test_killed_device_process_leaves_a_lost_will(
 
 
 def test_device_process_runs_a_command_and_stops_on_sigterm(
-    server: Server, endpoint: MqttEndpoint, topics: Topics, code: str
+    server: Server,
+    endpoint: MqttEndpoint,
+    topics: Topics,
+    code: str,
+    commands: Commands,
+    tmp_path: Path,
 ) -> None:
-    with device_process(endpoint, topics, code) as device:
+    with device_process(endpoint, topics, code, tmp_path / "journal.db") as device:
         server.inbox.wait_state(code, DevicePresence.ONLINE, timeout_s=SPAWN_WAIT_S)
 
-        server.link.publish_start(code, start_command(duration_s=900))
+        server.send(code, commands.start(duration_s=900))
         ended = server.inbox.wait_run_event(code, RunEventKind.ENDED)
         device.send_signal(signal.SIGTERM)
         _out, err = device.communicate(timeout=WAIT_S)
@@ -417,7 +256,7 @@ def test_device_process_runs_a_command_and_stops_on_sigterm(
 
 @contextmanager
 def device_process(
-    endpoint: MqttEndpoint, topics: Topics, code: str
+    endpoint: MqttEndpoint, topics: Topics, code: str, journal: Path
 ) -> Iterator[subprocess.Popen[str]]:
     """Run the agent the way an operator would, and make sure it is gone afterwards."""
     command = [
@@ -434,6 +273,12 @@ def device_process(
         "1000",
         "--progress-every-s",
         "300",
+        "--journal",
+        str(journal),
+        "--key-hex",
+        key_for(code).hex(),
+        "--key-id",
+        "k1",
     ]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -30,6 +30,7 @@ from roompay.protocol.messages import (
     AckStatus,
     CommandAck,
     EndReason,
+    RunAck,
     RunEvent,
     RunEventKind,
     StartCommand,
@@ -70,6 +71,9 @@ class RecordingPublisher:
 
     def publish_start(self, code: str, command: StartCommand) -> None:
         self.sent.append((code, command))
+
+    def publish_run_ack(self, code: str, ack: RunAck) -> None:
+        """Run events are acknowledged by the rules themselves."""
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from roompay.device.agent import DeviceAgent
 from roompay.device.relay import SimulatedRelay
 from roompay.protocol.mqtt_url import parse_mqtt_url
+from roompay.protocol.signing import device_key
 from roompay.services.catalog import describe_device
 from tests.support.server import Stack
 from tests.support.waiting import wait_for
@@ -34,6 +35,8 @@ def device_process(
         "run",
         "--code",
         code,
+        "--key-hex",
+        device_key(stack.settings.secret_key.encode(), code, "k1").hex(),
         "--mqtt-url",
         stack.mqtt_url,
         "--topic-root",
@@ -73,6 +76,7 @@ def device_agents(
             endpoint,
             stack.runtime.topics,
             SimulatedRelay(),
+            device_key=device_key(stack.settings.secret_key.encode(), code, "k1"),
             time_scale=time_scale,
             progress_every_s=600,
         )

@@ -28,17 +28,28 @@ from roompay.settings import Settings
 from roompay.store.db import transaction
 from roompay.web.app import create_app
 
+# Children before parents, so that SQLite's DELETEs respect the foreign keys.
+# provider_fee_schedules is left alone: the migrations seed it.
 TABLES = (
+    "reconciliation_lines",
+    "reconciliation_reports",
+    "order_funds",
+    "statement_entries",
+    "statements",
+    "ledger_lines",
+    "ledger_entries",
     "run_events",
     "refunds",
     "commands",
     "payment_notices",
     "order_events",
+    "audit_log",
     "orders",
     "users",
     "devices",
     "programs",
     "rooms",
+    "hotel_contracts",
     "hotels",
     "operators",
 )

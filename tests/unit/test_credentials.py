@@ -35,7 +35,7 @@ HASH_B = hash_password("password-b", salt=bytes(range(12)))
 HASH_BACKEND = hash_password("password-backend", salt=b"\xff" * 12)
 
 
-def test_given_the_tools_salt_when_hashing_then_the_line_is_the_one_mosquitto_passwd_wrote() -> None:
+def test_given_the_tools_salt_when_hashing_then_the_line_is_what_mosquitto_passwd_wrote() -> None:
     assert f"dev1:{hash_password('secret', salt=SALT)}" == MOSQUITTO_PASSWD_LINE
 
 
@@ -93,7 +93,7 @@ def test_hashing_refuses_an_empty_password_and_a_short_salt() -> None:
 
 
 def test_config_text_for_production_has_no_user_line() -> None:
-    text = render_config(Path("/etc/roompay-mqtt"), MosquittoOptions("0.0.0.0", 8883))
+    text = render_config(Path("/etc/roompay-mqtt"), MosquittoOptions("0.0.0.0", 8883))  # noqa: S104
     assert text == (
         "# Written by roompay from its database; regenerate instead of editing.\n"
         "per_listener_settings false\n"

@@ -1,5 +1,6 @@
 """The wire contract of the device link: topics, payloads and broker URLs."""
 
+import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -19,14 +20,18 @@ from roompay.protocol import (
 )
 from roompay.protocol.messages import (
     AckStatus,
+    ActiveRun,
+    BootEvent,
     CommandAck,
     DevicePresence,
     EndReason,
     Heartbeat,
+    RunAck,
     RunEvent,
     RunEventKind,
     StartCommand,
     StateMessage,
+    StopCommand,
     decode,
     encode,
     peek_cmd_id,
@@ -43,9 +48,28 @@ def start_command(**overrides: object) -> StartCommand:
         "duration_s": 1800,
         "issued_at": ISSUED,
         "expires_at": ISSUED + timedelta(minutes=3),
+        "seq": 7,
+        "key_id": "k1",
+        "sig": "c2lnbmF0dXJl",
     }
     fields.update(overrides)
     return StartCommand.model_validate(fields)
+
+
+def stop_command(**overrides: object) -> StopCommand:
+    fields: dict[str, object] = {
+        "cmd_id": "stop-1",
+        "run_id": "r1",
+        "order_id": "0f" * 16,
+        "reason": "guest_request",
+        "issued_at": ISSUED,
+        "expires_at": ISSUED + timedelta(minutes=3),
+        "seq": 8,
+        "key_id": "k1",
+        "sig": "c2lnbmF0dXJl",
+    }
+    fields.update(overrides)
+    return StopCommand.model_validate(fields)
 
 
 # --- topics -------------------------------------------------------------------
@@ -149,18 +173,51 @@ def test_topics_reject_malformed_roots(root: str) -> None:
 # --- messages -----------------------------------------------------------------
 
 
-def test_start_command_encodes_to_compact_json_without_empty_fields() -> None:
+def test_start_command_encodes_to_compact_json() -> None:
     assert encode(start_command()) == (
         b'{"v":1,"cmd_id":"cmd-1","order_id":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f",'
         b'"program":"massage-30","duration_s":1800,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}'
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":7,"key_id":"k1","sig":"c2lnbmF0dXJl"}'
     )
 
 
-def test_start_command_round_trips_with_signature_fields() -> None:
-    command = start_command(seq=7, key_id="k1", sig="c2lnbmF0dXJl")
+def test_stop_command_encodes_to_compact_json() -> None:
+    assert encode(stop_command()) == (
+        b'{"cmd_id":"stop-1","run_id":"r1","order_id":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f",'
+        b'"reason":"guest_request","issued_at":"2025-03-01T08:00:00Z",'
+        b'"expires_at":"2025-03-01T08:03:00Z","seq":8,"key_id":"k1","sig":"c2lnbmF0dXJl"}'
+    )
 
-    assert decode(StartCommand, encode(command)) == command
+
+@pytest.mark.parametrize("missing", ["seq", "key_id", "sig"])
+def test_commands_need_seq_key_id_and_sig(missing: str) -> None:
+    start = start_command().model_dump(mode="json", exclude={missing})
+    stop = stop_command().model_dump(mode="json", exclude={missing})
+
+    with pytest.raises(ProtocolError, match=f"invalid StartCommand: {missing}: Field required"):
+        decode(StartCommand, json.dumps(start).encode())
+    with pytest.raises(ProtocolError, match=f"invalid StopCommand: {missing}: Field required"):
+        decode(StopCommand, json.dumps(stop).encode())
+
+
+@pytest.mark.parametrize("key_id", ["", "k|1", "k 1", "k" * 33])
+def test_commands_refuse_malformed_key_ids(key_id: str) -> None:
+    with pytest.raises(ValueError, match="key_id"):
+        start_command(key_id=key_id)
+
+
+def test_stop_command_must_expire_after_issue() -> None:
+    with pytest.raises(ValueError, match="expires_at must be later than issued_at"):
+        stop_command(expires_at=ISSUED)
+
+
+def test_boot_event_without_an_active_run_leaves_it_out() -> None:
+    boot = BootEvent(boot_id=3, fw="1.2.3", unsent_results=0, ts=ISSUED)
+
+    assert encode(boot) == (
+        b'{"boot_id":3,"fw":"1.2.3","unsent_results":0,"ts":"2025-03-01T08:00:00Z"}'
+    )
 
 
 def test_last_will_is_just_state_and_boot_id() -> None:
@@ -200,9 +257,31 @@ def test_last_will_is_just_state_and_boot_id() -> None:
         StateMessage(state=DevicePresence.ONLINE, boot_id=1, fw="1.2.3", ts=ISSUED),
         Heartbeat(uptime_s=42, relay_on=True, run_id="r", ts=ISSUED),
         Heartbeat(uptime_s=0, relay_on=False, ts=ISSUED),
+        start_command(),
+        stop_command(),
+        RunAck(run_id="r", seq=4),
+        BootEvent(
+            boot_id=2,
+            fw="1.2.3",
+            active_run=ActiveRun(
+                run_id="r", order_id="o", cmd_id="c", elapsed_s=200, remaining_s=400
+            ),
+            unsent_results=2,
+            ts=ISSUED,
+        ),
+        BootEvent(boot_id=1, fw="1.2.3", unsent_results=0, ts=ISSUED),
     ],
 )
-def test_messages_round_trip(message: CommandAck | RunEvent | StateMessage | Heartbeat) -> None:
+def test_messages_round_trip(
+    message: CommandAck
+    | RunEvent
+    | StateMessage
+    | Heartbeat
+    | StartCommand
+    | StopCommand
+    | RunAck
+    | BootEvent,
+) -> None:
     assert decode(type(message), encode(message)) == message
 
 
@@ -228,20 +307,27 @@ def test_ack_decodes_the_fields_the_server_reads() -> None:
         b'"start"',
         b"{}",
         b'{"v":2,"cmd_id":"c","order_id":"o","program":"p","duration_s":1,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}',
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         b'{"v":1,"cmd_id":"c","order_id":"o","program":"p","duration_s":0,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}',
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         b'{"v":1,"cmd_id":"c","order_id":"o","program":"p","duration_s":-5,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}',
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         b'{"v":1,"cmd_id":"","order_id":"o","program":"p","duration_s":1,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}',
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         # A naive timestamp cannot be compared with the device's clock.
         b'{"v":1,"cmd_id":"c","order_id":"o","program":"p","duration_s":1,'
-        b'"issued_at":"2025-03-01T08:00:00","expires_at":"2025-03-01T08:03:00"}',
+        b'"issued_at":"2025-03-01T08:00:00","expires_at":"2025-03-01T08:03:00",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         b'{"v":1,"cmd_id":"c","order_id":"o","program":"p","duration_s":1,'
-        b'"issued_at":"2025-03-01T08:03:00Z","expires_at":"2025-03-01T08:00:00Z"}',
+        b'"issued_at":"2025-03-01T08:03:00Z","expires_at":"2025-03-01T08:00:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
         b'{"v":1,"cmd_id":"c","order_id":"o","program":"p","duration_s":1,"extra":true,'
-        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z"}',
+        b'"issued_at":"2025-03-01T08:00:00Z","expires_at":"2025-03-01T08:03:00Z",'
+        b'"seq":1,"key_id":"k1","sig":"s"}',
     ],
 )
 def test_bad_start_payloads_raise_protocol_error(payload: bytes) -> None:

@@ -668,7 +668,7 @@ class _Fleet:
                 heartbeat_s=30.0,
             )
             try:
-                agent.start(timeout_s=5)
+                agent.start(timeout_s=30)
             except Exception:  # the broker may be restarting; try again
                 time.sleep(0.2)
                 continue
@@ -1250,16 +1250,16 @@ def _seed(database_url: str, devices: int, prefix: str) -> tuple[int, list[str]]
 
 
 def _boot_all(fleet: _Fleet, codes: list[str]) -> None:
-    threads = [
-        threading.Thread(target=fleet.boot, args=(code,), name=f"boot-{code}", daemon=True)
-        for code in codes
-    ]
-    for index, thread in enumerate(threads):
-        thread.start()
-        if index % 20 == 19:
-            time.sleep(0.05)  # a fleet powering up together still arrives in waves
-    for thread in threads:
-        thread.join(60)
+    """Boot the fleet in waves: a broker flooded with connections times them all out."""
+    for wave in range(0, len(codes), 10):
+        threads = [
+            threading.Thread(target=fleet.boot, args=(code,), name=f"boot-{code}", daemon=True)
+            for code in codes[wave : wave + 10]
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
 
 
 def _run_guests(run: _Run, codes: list[str]) -> None:

@@ -79,6 +79,15 @@ def backend_urls(
 
 
 @pytest.fixture
+def quiet_stack(tmp_path: Path, keys_dir: Path, backend_urls: tuple[str, str]) -> Iterator[Stack]:
+    """A server serving HTTP only, its sandbox's notifies held: the test runs every job."""
+    database_url, mqtt_url = backend_urls
+    with running_stack(tmp_path, keys_dir, database_url, mqtt_url, with_workers=False) as stack:
+        stack.notify_wire.held = []
+        yield stack
+
+
+@pytest.fixture
 def stack(tmp_path: Path, keys_dir: Path, backend_urls: tuple[str, str]) -> Iterator[Stack]:
     """A running server with the sandbox, on the test's backend."""
     database_url, mqtt_url = backend_urls

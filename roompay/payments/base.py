@@ -93,6 +93,7 @@ class RefundRequest:
     amount_fen: Fen
     total_fen: Fen
     reason: str
+    notify_url: str | None = None  # where the provider reports the refund's end, if it does
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,12 @@ class PaymentProvider(Protocol):
 
     def query_refund(self, out_trade_no: str, refund_key: str) -> RefundOutcome:
         """Ask the provider where a refund stands."""
+        ...
+
+    def parse_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, now: datetime
+    ) -> RefundOutcome:
+        """Verify and decode a refund-result notification; raise NotificationRejectedError."""
         ...
 
     def fetch_bill(self, bill_date: date) -> list[BillEntry]:

@@ -260,6 +260,7 @@ class Refund:
     status: c.WireRefundStatus
     queries_until_success: int = 0
     success_time: datetime | None = None
+    notify_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Render the refund object of the refund API and of its query (§1.7)."""
@@ -613,11 +614,14 @@ class WechatPayEmulator:
             create_time=now,
             status=_REFUND_START[mode],
             queries_until_success=self._faults.processing_queries,
+            notify_url=payload.notify_url,
         )
         trade.refunds.append(refund)
         self._refunds[(merchant.mchid, refund.out_refund_no)] = refund
         if refund.status == c.WireRefundStatus.SUCCESS:
             self._refund_succeeded(trade, refund, now)
+        elif refund.status == c.WireRefundStatus.ABNORMAL:
+            self._notify_refund(refund)
         return 200, refund.to_json()
 
     def _refunded_trade(self, merchant: Merchant, payload: RefundIn) -> Trade:
@@ -638,11 +642,60 @@ class WechatPayEmulator:
             raise ApiError(404, c.ErrorCode.RESOURCE_NOT_EXISTS, "订单不存在")
         return trade
 
-    @staticmethod
-    def _refund_succeeded(trade: Trade, refund: Refund, now: datetime) -> None:
+    def _refund_succeeded(self, trade: Trade, refund: Refund, now: datetime) -> None:
         refund.status = c.WireRefundStatus.SUCCESS
         refund.success_time = now
         trade.state = State.REFUND
+        self._notify_refund(refund)
+
+    def _notify_refund(self, refund: Refund) -> None:
+        """Send the `REFUND.*` notify to the refund's notify_url, if it named one (§1.7)."""
+        if refund.notify_url is None:
+            return
+        merchant = self._merchants[refund.mchid]
+        resource = {
+            "mchid": refund.mchid,
+            "out_trade_no": refund.out_trade_no,
+            "transaction_id": refund.transaction_id,
+            "out_refund_no": refund.out_refund_no,
+            "refund_id": refund.refund_id,
+            "refund_status": refund.status.value,
+            "user_received_account": "支付用户零钱",
+            "amount": {
+                "total": refund.total_fen,
+                "refund": refund.refund_fen,
+                "payer_total": refund.total_fen,
+                "payer_refund": refund.refund_fen,
+            },
+        }
+        if refund.success_time is not None:
+            resource["success_time"] = _rfc3339(refund.success_time)
+        nonce = _random_chars(c.AEAD_NONCE_LENGTH)
+        envelope = {
+            "id": "EV-" + _random_digits(20),
+            "create_time": _rfc3339(self._clock.now()),
+            "resource_type": c.RESOURCE_TYPE_ENCRYPTED,
+            "event_type": c.EVENT_REFUND_PREFIX + refund.status.value,
+            "summary": "退款状态变更",
+            "resource": {
+                "original_type": c.ORIGINAL_TYPE_REFUND,
+                "algorithm": c.AEAD_ALGORITHM,
+                "ciphertext": wire.encrypt_resource(
+                    merchant.apiv3_key, nonce, c.ORIGINAL_TYPE_REFUND, _dump(resource)
+                ),
+                "associated_data": c.ORIGINAL_TYPE_REFUND,
+                "nonce": nonce,
+            },
+        }
+        body = _dump(envelope)
+        notification = Notification(
+            url=refund.notify_url,
+            body=body,
+            headers=self.sign_notify(body),
+            accepted=_accepted,
+            resign=self.sign_notify,
+        )
+        self._notifier.send(notification, WECHAT_RETRY_DELAYS_S)
 
     def _query_refund(self, merchant: Merchant, request: Request, body: bytes) -> _Answer:
         """Answer a refund query; a PROCESSING refund succeeds after enough queries."""

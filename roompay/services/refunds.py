@@ -185,7 +185,12 @@ def _advance(ctx: ServiceContext, claim: _Claim) -> None:
         if claim.send:
             outcome = provider.refund(
                 RefundRequest(
-                    claim.order_id, claim.key, claim.amount_fen, claim.total_fen, claim.reason
+                    claim.order_id,
+                    claim.key,
+                    claim.amount_fen,
+                    claim.total_fen,
+                    claim.reason,
+                    refund_notify_url(ctx, claim.wallet),
                 )
             )
         else:
@@ -196,7 +201,7 @@ def _advance(ctx: ServiceContext, claim: _Claim) -> None:
     except PaymentError as exc:
         _record_failure(ctx, claim, str(exc), give_up=True)
         return
-    _apply_outcome(ctx, claim, outcome)
+    _apply_outcome(ctx, claim.refund_id, claim.order_id, claim.key, outcome)
 
 
 def _record_failure(ctx: ServiceContext, claim: _Claim, error: str, give_up: bool) -> None:
@@ -216,10 +221,35 @@ def _record_failure(ctx: ServiceContext, claim: _Claim, error: str, give_up: boo
     log.warning("refund %s not done: %s", claim.key, error)
 
 
-def _apply_outcome(ctx: ServiceContext, claim: _Claim, outcome: RefundOutcome) -> None:
+def refund_notify_url(ctx: ServiceContext, wallet: Wallet) -> str | None:
+    """Where a provider that notifies refund results should send them (WeChat Pay does)."""
+    if wallet is not Wallet.WECHAT:
+        return None  # Alipay refunds succeed synchronously
+    return f"{ctx.settings.public_base_url}/api/v1/notify/wechatpay/refund"
+
+
+def apply_refund_notice(ctx: ServiceContext, outcome: RefundOutcome) -> bool:
+    """Apply a provider's refund-result notification; False if the key is not ours."""
+    with ctx.sessions() as session:
+        found = session.execute(
+            select(Refund.id, Refund.order_id).where(Refund.refund_key == outcome.refund_key)
+        ).first()
+    if found is None:
+        log.warning("refund notify for an unknown refund key %s", outcome.refund_key)
+        return False
+    refund_id, order_id = found
+    with order_context(order_id):
+        _apply_outcome(ctx, refund_id, order_id, outcome.refund_key, outcome)
+    return True
+
+
+def _apply_outcome(
+    ctx: ServiceContext, refund_id: int, order_id: str, key: str, outcome: RefundOutcome
+) -> None:
+    """Record what the provider says about a refund; repeated or stale news changes nothing."""
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
-        refund = session.get_one(Refund, claim.refund_id, with_for_update=True)
+        refund = session.get_one(Refund, refund_id, with_for_update=True)
         if refund.status not in OPEN:
             return
         if outcome.provider_refund_id:
@@ -229,14 +259,14 @@ def _apply_outcome(ctx: ServiceContext, claim: _Claim, outcome: RefundOutcome) -
             refund.finished_at = now
             record_event(
                 session,
-                claim.order_id,
+                order_id,
                 now,
                 "refunded",
-                key=claim.key,
+                key=key,
                 amount_fen=refund.amount_fen,
             )
             post_refund(session, refund, now)
-            settle_order_status(session, claim.order_id)
+            settle_order_status(session, order_id)
         elif outcome.state is RefundState.PROCESSING:
             refund.status = RefundStatus.PROCESSING.value
         elif outcome.state is RefundState.NOT_FOUND:
@@ -247,10 +277,10 @@ def _apply_outcome(ctx: ServiceContext, claim: _Claim, outcome: RefundOutcome) -
             refund.status = RefundStatus.NEEDS_ATTENTION.value
             record_event(
                 session,
-                claim.order_id,
+                order_id,
                 now,
                 "refund_needs_attention",
-                key=claim.key,
+                key=key,
                 error="abnormal",
             )
 

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from roompay.domain.catalog import Wallet
 from roompay.payments.errors import NotificationRejectedError
 from roompay.services.payments import handle_notification
+from roompay.services.refunds import apply_refund_notice
 from roompay.web.deps import get_ctx
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,26 @@ async def _handle(request: Request, wallet: Wallet) -> Response:
     elapsed = time.perf_counter() - started
     ctx.metrics.notify_seconds.labels(wallet.value, result.outcome.value).observe(elapsed)
     reply = provider.reply_ok() if result.acknowledge else provider.reply_fail(result.outcome.value)
+    return Response(reply.body, status_code=reply.status_code, media_type=reply.media_type)
+
+
+@router.post("/wechatpay/refund")
+async def wechatpay_refund(request: Request) -> Response:
+    """WeChat Pay API v3 refund-result notification (REFUND.SUCCESS / ABNORMAL / CLOSED)."""
+    ctx = get_ctx(request)
+    provider = ctx.providers.get(Wallet.WECHAT)
+    if provider is None:
+        return Response(status_code=404)
+    body = await request.body()
+    try:
+        outcome = provider.parse_refund_notification(request.headers, body, ctx.clock.now())
+    except NotificationRejectedError as exc:
+        log.warning("rejected refund notification: %s", exc)
+        reply = provider.reply_fail("verification failed")
+        return Response(reply.body, status_code=400, media_type=reply.media_type)
+    # An unknown key is acknowledged too: retrying would not make it ours.
+    await run_in_threadpool(apply_refund_notice, ctx, outcome)
+    reply = provider.reply_ok()
     return Response(reply.body, status_code=reply.status_code, media_type=reply.media_type)
 
 

@@ -38,6 +38,7 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     # Provider notifications authenticate by signature, not by user: unsigned is refused
     ("POST", "/api/v1/notify/wechatpay"): (400, 400, 400, 400, 400),
     ("POST", "/api/v1/notify/alipay"): (400, 400, 400, 400, 400),
+    ("POST", "/api/v1/notify/wechatpay/refund"): (400, 400, 400, 400, 400),
     # Staff API
     ("POST", "/api/v1/auth/token"): (401, 200, 200, 200, 200),
     ("GET", "/api/v1/devices"): (401, 200, 200, 200, 200),

@@ -9,11 +9,8 @@ The provider side is the real sandbox over HTTP with real signatures; its
 notifications are held back and delivered (or not, or twice) by the rules.
 """
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -47,7 +44,7 @@ from roompay.services.seed import create_hotel, ensure_operator, place_devices
 from roompay.services.staff import refund_order
 from roompay.store.db import transaction
 from roompay.store.models import Command, Device, Order, PaymentNotice, Refund
-from tests.support.server import Stack, running_stack
+from tests.support.server import Stack
 from tests.support.waiting import wait_for
 
 RANK = {
@@ -74,15 +71,6 @@ class RecordingPublisher:
 
     def publish_run_ack(self, code: str, ack: RunAck) -> None:
         """Run events are acknowledged by the rules themselves."""
-
-
-@pytest.fixture
-def quiet_stack(tmp_path: Path, keys_dir: Path, backend_urls: tuple[str, str]) -> Iterator[Stack]:
-    """A server on the test's database, serving HTTP only: the rules run every job."""
-    database_url, mqtt_url = backend_urls
-    with running_stack(tmp_path, keys_dir, database_url, mqtt_url, with_workers=False) as stack:
-        stack.notify_wire.held = []
-        yield stack
 
 
 def test_any_interleaving_keeps_the_money_invariants(quiet_stack: Stack) -> None:

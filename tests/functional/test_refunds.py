@@ -4,9 +4,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from roompay.domain.catalog import Wallet
+from roompay.protocol.messages import RunAck, StartCommand
 from roompay.services.auth import Role, create_user
+from roompay.services.dispatch import dispatch_due
+from roompay.services.refunds import process_due_refunds
 from roompay.services.seed import create_hotel, ensure_operator
 from roompay.store.db import transaction
 from roompay.store.models import AuditEntry, Device, Order, Refund
@@ -163,8 +167,12 @@ def test_a_processing_refund_is_followed_until_it_succeeds_and_an_abnormal_one_i
 
         def refund_status(key: str) -> str:
             stack.clock.advance(6)
-            return next(
-                r["status"] for r in http.get(url, headers=admin).json() if r["refund_key"] == key
+            return str(
+                next(
+                    r["status"]
+                    for r in http.get(url, headers=admin).json()
+                    if r["refund_key"] == key
+                )
             )
 
         wait_for(
@@ -202,3 +210,62 @@ def test_a_provider_failure_at_checkout_is_a_clear_503_and_leaves_no_payable_ord
     with stack.runtime.ctx.sessions() as session:
         orders = list(session.scalars(select(Order)))
     assert [(o.status, o.qr_content) for o in orders] == [("expired", None)]
+
+
+class _Offline:
+    """A device link that is down: commands wait, then miss their deadline."""
+
+    connected = False
+
+    def publish_start(self, code: str, command: StartCommand) -> None:
+        raise AssertionError("nothing is published while the link is down")
+
+    def publish_run_ack(self, code: str, ack: RunAck) -> None:
+        raise AssertionError("nothing is published while the link is down")
+
+
+def _deliver(stack: Stack, http: httpx.Client, notify: httpx.Request) -> httpx.Response:
+    sandbox = stack.runtime.sandbox
+    assert sandbox is not None
+    headers = {"Content-Type": "application/json"} | sandbox.wechatpay.sign_notify(notify.content)
+    return http.post(notify.url.path, content=notify.content, headers=headers)
+
+
+def test_a_wechat_refund_result_notify_completes_a_processing_refund(quiet_stack: Stack) -> None:
+    stack = quiet_stack
+    ctx = stack.runtime.ctx
+    held = stack.notify_wire.held
+    assert held is not None
+    with transaction(ctx.sessions) as session:
+        session.execute(update(Device).values(online=True))
+    with stack.client() as http:
+        # Given a paid order whose appliance never answered: a full refund is owed
+        order = http.post(
+            "/api/v1/checkout",
+            json={"device": stack.device_codes[0], "program": "dry30", "wallet": "wechat"},
+        ).json()
+        assert http.post("/sandbox/pay", json={"qr": order["qr"]}).status_code == 200
+        payment: httpx.Request = wait_for(lambda: held[0] if held else None, 10, "the notify")
+        assert _deliver(stack, http, payment).status_code == 204
+        stack.clock.advance(stack.settings.start_deadline_s + 1)
+        dispatch_due(ctx, _Offline())
+        # And WeChat Pay takes its time over refunds
+        mode = {"provider": "wechatpay", "mode": "processing"}
+        assert http.post("/sandbox/refund-mode", json=mode).status_code == 204
+        process_due_refunds(ctx)
+        with ctx.sessions() as session:
+            refund = session.scalars(select(Refund)).one()
+        assert refund.status == "processing"
+        # When the refund completes at the provider, which notifies its result
+        ctx.provider(Wallet.WECHAT).query_refund(order["order_id"], refund.refund_key)
+        notice: httpx.Request = wait_for(
+            lambda: next((r for r in held if r.url.path.endswith("/refund")), None), 10, "notify"
+        )
+        # Then the notify alone completes our refund and the order, and a repeat changes nothing
+        assert _deliver(stack, http, notice).status_code == 204
+        assert _deliver(stack, http, notice).status_code == 204
+        final = http.get(f"/api/v1/orders/{order['order_id']}").json()
+    with ctx.sessions() as session:
+        refund = session.scalars(select(Refund)).one()
+    assert (refund.status, refund.amount_fen) == ("refunded", 800)
+    assert (final["status"], final["refunded_fen"]) == ("refunded", 800)

@@ -198,3 +198,5 @@ def running_stack(
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+        if not with_workers:
+            runtime.stop()  # the app's lifespan did not own it: close providers and the engine

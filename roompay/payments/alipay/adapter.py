@@ -37,7 +37,11 @@ from roompay.payments.base import (
     TradeState,
 )
 from roompay.payments.crypto import load_public_key
-from roompay.payments.errors import ProviderRejectedError, TradeAlreadyPaidError
+from roompay.payments.errors import (
+    NotificationRejectedError,
+    ProviderRejectedError,
+    TradeAlreadyPaidError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,23 @@ class AlipayProvider:
         del headers, now
         notify = verify_notify(body, self._alipay_key)
         return self._to_notification(notify)
+
+    def parse_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, now: datetime
+    ) -> RefundOutcome:
+        """Verify a trade notify that reports a refund (`out_biz_no` = our refund key).
+
+        Alipay refunds succeed synchronously; the notify only confirms one, so the
+        outcome is SUCCESS. `amount_fen` is 0: the notify carries the cumulative
+        `refund_fee`, not this refund's amount, and the refund row knows its amount.
+        """
+        del headers, now
+        notify = verify_notify(body, self._alipay_key)
+        if notify.out_biz_no is None or notify.refund_fee is None:
+            raise NotificationRejectedError("not a refund notify: no out_biz_no or refund_fee")
+        if (notify.app_id, notify.seller_id) != (self._config.app_id, self._config.seller_id):
+            raise NotificationRejectedError("refund notify for another app or seller")
+        return RefundOutcome(notify.out_biz_no, RefundState.SUCCESS, 0, None)
 
     def _to_notification(self, notify: AlipayTradeNotify) -> PaymentNotification:
         paid_at = notify.gmt_payment.astimezone(UTC) if notify.gmt_payment else None

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from roompay.clock import Clock, IdGenerator
 from roompay.domain.catalog import Wallet
@@ -39,7 +40,7 @@ from roompay.payments.wechatpay.client import (
     WechatPayClient,
     WechatPayConfig,
 )
-from roompay.payments.wechatpay.notify import parse_transaction_notify
+from roompay.payments.wechatpay.notify import open_notify, parse_transaction_notify
 
 __all__ = [
     "WechatPayConfig",
@@ -117,6 +118,23 @@ def rfc3339_cst(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError("a naive datetime has no place on the wire")
     return moment.astimezone(c.CHINA_TZ).isoformat(timespec="seconds")
+
+
+class RefundNoticeAmount(BaseModel):
+    """The amounts of a refund notify; only the refunded amount matters here."""
+
+    refund: int
+
+
+class RefundNotice(BaseModel):
+    """The decrypted resource of a `REFUND.*` notify."""
+
+    mchid: str
+    out_trade_no: str
+    out_refund_no: str
+    refund_id: str
+    refund_status: c.WireRefundStatus
+    amount: RefundNoticeAmount
 
 
 class WechatPayProvider:
@@ -206,6 +224,7 @@ class WechatPayProvider:
                 refund_fen=request.amount_fen,
                 total_fen=request.total_fen,
                 reason=request.reason[: c.REFUND_REASON_MAX_CHARS],
+                notify_url=request.notify_url,
             )
         )
         return self._outcome(refund, request.out_trade_no, request.refund_key)
@@ -235,6 +254,26 @@ class WechatPayProvider:
             state=refund_state(refund.status),
             amount_fen=refund.amount.refund,
             provider_refund_id=refund.refund_id,
+        )
+
+    def parse_refund_notification(
+        self, headers: Mapping[str, str], body: bytes, now: datetime
+    ) -> RefundOutcome:
+        """Verify and decrypt a `REFUND.*` notify (§1.7) into the refund's outcome."""
+        opened = open_notify(headers, body, now, self._platform_keys, self._config.apiv3_key)
+        if opened.envelope.resource.original_type != c.ORIGINAL_TYPE_REFUND:
+            raise NotificationRejectedError("not a refund notify")
+        try:
+            result = RefundNotice.model_validate_json(opened.plaintext)
+        except ValidationError as exc:
+            raise NotificationRejectedError(f"malformed refund notify: {exc}") from exc
+        if result.mchid != self._config.mchid:
+            raise NotificationRejectedError("refund notify for another merchant")
+        return RefundOutcome(
+            refund_key=result.out_refund_no,
+            state=refund_state(result.refund_status),
+            amount_fen=result.amount.refund,
+            provider_refund_id=result.refund_id,
         )
 
     def fetch_bill(self, bill_date: date) -> list[BillEntry]:

@@ -75,6 +75,7 @@ class RefundOrder:
     refund_fen: int
     total_fen: int
     reason: str = ""
+    notify_url: str | None = None
 
 
 class WechatPayClient:
@@ -148,6 +149,8 @@ class WechatPayClient:
         }
         if order.reason:
             body["reason"] = order.reason
+        if order.notify_url:
+            body["notify_url"] = order.notify_url
         body["amount"] = {
             "refund": order.refund_fen,
             "total": order.total_fen,

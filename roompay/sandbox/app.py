@@ -30,6 +30,14 @@ class PayIn(BaseModel):
     notify_amount_fen: int | None = Field(default=None, gt=0)
 
 
+class ScanIn(BaseModel):
+    """The guest scans this QR content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    qr: str = Field(min_length=1, max_length=512)
+
+
 class FaultIn(BaseModel):
     """Arm a provider error for the next `count` calls of one operation."""
 
@@ -97,10 +105,27 @@ class Sandbox:
         router.include_router(self.wechatpay.router(), prefix="/wechatpay")
         router.include_router(self.alipay.router(), prefix="/alipay")
         router.add_api_route("/pay", self._pay, methods=["POST"])
+        router.add_api_route("/scan", self._scan, methods=["POST"])
         router.add_api_route("/faults", self._arm_fault, methods=["POST"], status_code=204)
         router.add_api_route("/refund-mode", self._refund_mode, methods=["POST"], status_code=204)
         router.add_api_route("/faults", self._clear_faults, methods=["DELETE"], status_code=204)
         return router
+
+    async def _scan(self, body: ScanIn) -> JSONResponse:
+        """The guest scans the QR code but has not paid (yet, or ever: abandoning is not paying).
+
+        For Alipay the trade only comes into existence at the scan; a WeChat Pay
+        Native order exists from its creation, so the scan changes nothing there.
+        """
+        if self.alipay.owns_qr(body.qr):
+            try:
+                self.alipay.scan(body.qr)
+            except ValueError as exc:
+                return _error(409, "cannot_scan", str(exc))
+            return JSONResponse({"provider": "alipay", "state": "WAIT_BUYER_PAY"})
+        if self.wechatpay.owns_qr(body.qr):
+            return JSONResponse({"provider": "wechatpay", "state": "NOTPAY"})
+        return _error(404, "unknown_qr", "no sandbox order has this QR content")
 
     async def _arm_fault(self, body: FaultIn) -> None:
         """Make the provider fail the next calls of one operation."""

@@ -227,3 +227,17 @@ def test_a_notify_for_an_unknown_order_is_acknowledged_and_kept_as_orphan(
     wait_for(lambda: records and records[-1].delivered, 10, "acknowledged")
     assert _count(stack, PaymentNotice, outcome="orphan", out_trade_no=stranger) == 1
     assert _count(stack, Order) == 0
+
+
+def test_an_alipay_trade_exists_only_once_the_guest_scans(stack: Stack) -> None:
+    device = stack.device_codes[0]
+    provider = stack.runtime.ctx.provider(Wallet.ALIPAY)
+    with device_agents(stack, [device]), stack.client() as http:
+        order = _checkout(http, device, "alipay")
+        before = provider.query_trade(order["order_id"]).state
+        scanned = http.post("/sandbox/scan", json={"qr": order["qr"]})
+        after = provider.query_trade(order["order_id"]).state
+        unknown = http.post("/sandbox/scan", json={"qr": "https://qr.alipay.com/nothing"})
+    assert (before, after) == (TradeState.NOT_FOUND, TradeState.NOT_PAID)
+    assert scanned.json() == {"provider": "alipay", "state": "WAIT_BUYER_PAY"}
+    assert unknown.status_code == 404

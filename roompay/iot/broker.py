@@ -219,6 +219,10 @@ class EmbeddedBroker:
                 for task in list(connections):
                     task.cancel()
                 await asyncio.gather(*connections, return_exceptions=True)
+                # Let the closed transports run their connection_lost callbacks before the
+                # loop goes away; otherwise they are finalised later, unclosed.
+                for _ in range(3):
+                    await asyncio.sleep(0)
         finally:
             server.close()
             await server.wait_closed()
@@ -240,6 +244,8 @@ class EmbeddedBroker:
         finally:
             connections.discard(task)
             writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await writer.wait_closed()
 
     def _config(self) -> dict[str, Any]:
         plugins: dict[str, Any]

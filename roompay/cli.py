@@ -9,6 +9,7 @@ import uvicorn
 
 from roompay.cli_fleet import register as register_fleet_commands
 from roompay.cli_money import register as register_money
+from roompay.simulate import register as register_simulate
 from roompay.logs import configure_logging
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(bench_app, name="bench")
 register_fleet_commands(app, device_app)
 register_money(app)
+register_simulate(app)
 
 
 @app.command()

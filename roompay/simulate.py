@@ -13,8 +13,9 @@ network faults are drawn from the same seed but depend on timing):
 - duplicate notifies: the sandbox delivers the payment notification twice, at once;
 - device reboots: a power cut while the relay is on, then a new agent on the same journal;
 - devices offline at payment: the agent stops after checkout, comes back later or never;
-- MQTT drops and delays: a proxy between the appliances and the broker drops or
-  holds PUBLISH packets;
+- MQTT drops and delays: a proxy between the appliances and the broker holds
+  PUBLISH packets, or drops one together with its connection (as a lossy network
+  does: within a live TCP connection nothing is lost);
 - a broker restart (the embedded broker restarted on its port; an external broker
   is not ours to restart, so every connection through the proxy is cut and refused
   for a while instead);
@@ -99,9 +100,13 @@ ABANDON_SHARE = 0.1
 DUPLICATE_SHARE = 0.15
 OFFLINE_SHARE = 0.04
 REBOOT_SHARE = 0.05
-MQTT_DROP_SHARE = 0.02
+MQTT_DROP_SHARE = 0.01
 MQTT_DELAY_SHARE = 0.05
 ORDER_WAIT_S = 60.0
+# paho waits on its socket with select(), which fails for descriptors past 1023; each
+# appliance holds six or seven here (its socket, the proxy's two, the embedded broker's,
+# three for its journal), so one simulator process carries this many.
+MAX_DEVICES = 80
 SETTLE_WAIT_S = 60.0
 
 
@@ -450,15 +455,16 @@ _PUBLISH = 3
 class _MqttProxy:
     """A TCP proxy in front of the broker that understands MQTT framing.
 
-    Two listeners: the appliances' (PUBLISH packets dropped or held there, when
-    asked) and the server's (clean). `outage` cuts every connection and refuses
-    new ones for a while, as a broker restart looks to its clients.
+    Two listeners: the appliances' (PUBLISH packets held there, or dropped with
+    their connection, once `faulty`) and the server's (clean). `outage` cuts every
+    connection and refuses new ones for a while, as a broker restart looks to its clients.
     """
 
-    def __init__(self, upstream: MqttEndpoint, rng: random.Random, faulty: bool) -> None:
+    def __init__(self, upstream: MqttEndpoint, rng: random.Random) -> None:
         self._upstream = upstream
         self._rng = rng
-        self._faulty = faulty
+        # Off while the fleet boots: a dropped boot message costs an agent its start timeout.
+        self.faulty = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -506,7 +512,7 @@ class _MqttProxy:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         devices = await asyncio.start_server(
-            lambda r, w: self._connection(r, w, self._faulty), "127.0.0.1", 0
+            lambda r, w: self._connection(r, w, True), "127.0.0.1", 0
         )
         server = await asyncio.start_server(
             lambda r, w: self._connection(r, w, False), "127.0.0.1", 0
@@ -562,11 +568,13 @@ class _MqttProxy:
                     if not byte[0] & 0x80:
                         break
                 body = await reader.readexactly(length)
-                if faulty and header[0] >> 4 == _PUBLISH:
+                if faulty and self.faulty and header[0] >> 4 == _PUBLISH:
                     draw = self._rng.random()
                     if draw < MQTT_DROP_SHARE:
+                        # TCP never loses a packet inside a live connection: a lost message
+                        # is a lost connection, and the session recovers it on reconnect.
                         self.dropped += 1
-                        continue
+                        return
                     if draw < MQTT_DROP_SHARE + MQTT_DELAY_SHARE:
                         self.delayed += 1
                         await asyncio.sleep(self._rng.uniform(0.02, 0.3))
@@ -852,6 +860,8 @@ class _Run:
     queue: deque[tuple[OrderPlan, int]]
     stopping: threading.Event
     deadline: float
+    orders_per_s: float = 8.0
+    began: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     placed: list[str] = field(default_factory=list)
     taken: int = 0
@@ -896,6 +906,11 @@ def _guest_loop(run: _Run, code: str, http: httpx.Client) -> None:
                 return
             plan, attempt = run.queue.popleft()
             run.taken += 1
+            due = run.began + run.taken / run.orders_per_s
+        # Guests arrive at a steady rate: a flat-out load measures the machine, not the system.
+        pause = due - time.monotonic()
+        if pause > 0 and run.stopping.wait(pause):
+            return
         try:
             order = _checkout(run, http, code, plan, attempt)
         except _UnavailableError:
@@ -925,6 +940,7 @@ def _checkout(
     body = {"device": code, "program": program.code, "wallet": plan.wallet}
     headers = {"Idempotency-Key": f"sim-{plan.index}-{attempt}"}
     give_up = time.monotonic() + 30
+    stalled = 0.0
     while time.monotonic() < give_up and not appliance.gone:
         response = _retrying(
             run, lambda: http.post("/api/v1/checkout", json=body, headers=headers), 30
@@ -934,6 +950,11 @@ def _checkout(
             return order
         if response.status_code != 409:
             raise RuntimeError(f"checkout refused: {response.status_code} {response.text}")
+        if response.json()["error"]["code"] == "checkout_in_progress":
+            # A checkout cut short by a server crash stays "in progress" for its key.
+            stalled = stalled or time.monotonic()
+            if time.monotonic() - stalled > 5:
+                return None
         time.sleep(0.1)
     return None
 
@@ -1002,6 +1023,7 @@ class SimulationOptions:
     time_scale: float = 100_000.0
     data_dir: Path | None = None
     topic_root: str | None = None
+    orders_per_s: float = 8.0
     max_duration_s: float = 900.0
 
 
@@ -1014,11 +1036,20 @@ def run_simulation(
     seed: int,
     time_scale: float,
     data_dir: Path | None = None,
+    orders_per_s: float = 8.0,
 ) -> SimulationReport:
     """Run a fleet simulation end to end and check the whole history."""
     return simulate(
         SimulationOptions(
-            devices, orders, faults, database_url, mqtt_url, seed, time_scale, data_dir
+            devices,
+            orders,
+            faults,
+            database_url,
+            mqtt_url,
+            seed,
+            time_scale,
+            data_dir,
+            orders_per_s=orders_per_s,
         )
     )
 
@@ -1027,6 +1058,11 @@ def simulate(options: SimulationOptions) -> SimulationReport:
     """Run a fleet simulation end to end and check the whole history."""
     if options.devices < 1 or options.orders < 0 or options.time_scale <= 0:
         raise ValueError("devices must be positive, orders not negative, time_scale positive")
+    if options.devices > MAX_DEVICES:
+        raise ValueError(
+            f"at most {MAX_DEVICES} devices per simulator process: paho's select() cannot"
+            " watch file descriptors past 1023"
+        )
     if options.data_dir is None:
         import tempfile  # noqa: PLC0415 - only when no directory is given
 
@@ -1095,7 +1131,7 @@ def _simulate(options: SimulationOptions, data_dir: Path) -> SimulationReport:
             stopping,
         )
         stops.append(fleet.stop_all)
-        _boot_all(fleet, codes)
+        _boot_all(fleet, codes, proxy)
 
         plans = plan_orders(options.orders, options.devices, options.faults, options.seed)
         programs: dict[ApplianceKind, list[Program]] = defaultdict(list)
@@ -1111,6 +1147,7 @@ def _simulate(options: SimulationOptions, data_dir: Path) -> SimulationReport:
             queue=deque((plan, 0) for plan in plans),
             stopping=stopping,
             deadline=time.monotonic() + options.max_duration_s,
+            orders_per_s=options.orders_per_s,
         )
         chaos_done = threading.Event()
         if options.faults:
@@ -1195,7 +1232,7 @@ def _mqtt_setup(
         upstream = parse_mqtt_url(options.mqtt_url)
     proxy: _MqttProxy | None = None
     if options.faults:
-        proxy = _MqttProxy(upstream, rng, faulty=True)
+        proxy = _MqttProxy(upstream, rng)
         proxy.start()
         stops.append(proxy.stop)
         device_endpoint = MqttEndpoint(host="127.0.0.1", port=proxy.device_port)
@@ -1249,7 +1286,7 @@ def _seed(database_url: str, devices: int, prefix: str) -> tuple[int, list[str]]
         engine.dispose()
 
 
-def _boot_all(fleet: _Fleet, codes: list[str]) -> None:
+def _boot_all(fleet: _Fleet, codes: list[str], proxy: "_MqttProxy | None") -> None:
     """Boot the fleet in waves: a broker flooded with connections times them all out."""
     for wave in range(0, len(codes), 10):
         threads = [
@@ -1260,6 +1297,8 @@ def _boot_all(fleet: _Fleet, codes: list[str]) -> None:
             thread.start()
         for thread in threads:
             thread.join(120)
+    if proxy is not None:
+        proxy.faulty = True
 
 
 def _run_guests(run: _Run, codes: list[str]) -> None:
@@ -1511,7 +1550,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def simulate(
-        devices: Annotated[int, typer.Option(min=1, max=2000, help="Simulated appliances.")] = 20,
+        devices: Annotated[
+            int, typer.Option(min=1, max=MAX_DEVICES, help="Simulated appliances.")
+        ] = 20,
         orders: Annotated[int, typer.Option(min=0, max=100_000, help="Guest orders.")] = 100,
         faults: Annotated[bool, typer.Option("--faults", help="Inject faults (seeded).")] = False,
         database_url: Annotated[
@@ -1530,13 +1571,16 @@ def register(app: typer.Typer) -> None:
         json_file: Annotated[
             Path | None, typer.Option("--json", help="Also write the report here.")
         ] = None,
+        rate: Annotated[
+            float, typer.Option(min=0.1, help="Guests arriving per second, across the fleet.")
+        ] = 8.0,
     ) -> None:
         """Run a fleet of simulated appliances and guests against a real server; check it all."""
         from roompay.logs import configure_logging  # noqa: PLC0415
 
         configure_logging("WARNING")
         report = run_simulation(
-            devices, orders, faults, database_url, mqtt_url, seed, time_scale, data_dir
+            devices, orders, faults, database_url, mqtt_url, seed, time_scale, data_dir, rate
         )
         for line in summary_lines(report):
             typer.echo(line)
@@ -1547,17 +1591,20 @@ def register(app: typer.Typer) -> None:
 
 
 __all__ = [
+    "STUCK_NO_QR",
     "FaultKind",
     "History",
     "Invariant",
     "OrderFacts",
     "RefundFacts",
     "RunStart",
+    "SimulationOptions",
     "SimulationReport",
     "Violation",
     "check_history",
     "plan_orders",
     "register",
     "run_simulation",
+    "simulate",
     "summary_lines",
 ]

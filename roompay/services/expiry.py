@@ -48,7 +48,9 @@ def _due_orders(ctx: ServiceContext, now: datetime, batch: int) -> list[tuple[st
             select(Order.id, Order.wallet, Order.expires_at)
             .where(
                 Order.status == OrderStatus.AWAITING_PAYMENT,
-                Order.qr_content.is_not(None),
+                # An order without a QR is still being created, unless it has expired:
+                # then its checkout died half-way (a crash) and it must be closed too.
+                or_(Order.qr_content.is_not(None), Order.expires_at <= now),
                 Order.created_at <= first_query,
                 or_(
                     Order.expires_at <= now,

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from roompay.payments.base import RefundState
 from roompay.simulate import (
+    STUCK_NO_QR,
     FaultKind,
     History,
     Invariant,
@@ -23,7 +25,9 @@ def _assert_clean_faulty_run(options: SimulationOptions) -> None:
     report = simulate(options)
     assert report.violations == []
     assert report.orders_placed == options.orders
-    assert sum(report.outcomes.values()) == options.orders
+    # A checkout the server was killed in the middle of stays unpaid and unfinished
+    # (reported in the notes); its guest checked out again.
+    assert sum(report.outcomes.values()) - report.outcomes.get(STUCK_NO_QR, 0) == options.orders
     assert {kind for kind, count in report.faults_injected.items() if count == 0} == set()
     assert set(report.faults_injected) == {kind.value for kind in FaultKind}
 
@@ -93,7 +97,11 @@ def test_the_checker_catches_a_run_without_payment_and_an_unrefunded_failed_star
         800,
         None,
         0,
-        (RefundFacts("o2-start", 700, "refunded", "start_deadline_passed", "SUCCESS", 700),),
+        (
+            RefundFacts(
+                "o2-start", 700, "refunded", "start_deadline_passed", RefundState.SUCCESS.value, 700
+            ),
+        ),
     )
     history = History(orders=[unpaid, stranded], starts=[RunStart("DRY-0001", "o1", "r1", "c1")])
     violations, _ = check_history(history)
@@ -113,7 +121,16 @@ def test_the_checker_catches_a_refund_the_provider_paid_differently_and_an_unbal
         800,
         None,
         0,
-        (RefundFacts("o1-start", 800, "refunded", "start_deadline_passed", "SUCCESS", 1600),),
+        (
+            RefundFacts(
+                "o1-start",
+                800,
+                "refunded",
+                "start_deadline_passed",
+                RefundState.SUCCESS.value,
+                1600,
+            ),
+        ),
     )
     history = History(orders=[order], starts=[], unbalanced_entries=[5], ledger_sum_fen=3)
     violations, _ = check_history(history)

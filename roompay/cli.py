@@ -9,8 +9,8 @@ import uvicorn
 
 from roompay.cli_fleet import register as register_fleet_commands
 from roompay.cli_money import register as register_money
-from roompay.simulate import register as register_simulate
 from roompay.logs import configure_logging
+from roompay.simulate import register as register_simulate
 
 app = typer.Typer(
     help="roompay: pay-per-use platform for in-room hotel appliances.", no_args_is_help=True

@@ -25,9 +25,10 @@ def _assert_clean_faulty_run(options: SimulationOptions) -> None:
     report = simulate(options)
     assert report.violations == []
     assert report.orders_placed == options.orders
-    # A checkout the server was killed in the middle of stays unpaid and unfinished
-    # (reported in the notes); its guest checked out again.
-    assert sum(report.outcomes.values()) - report.outcomes.get(STUCK_NO_QR, 0) == options.orders
+    # A checkout the server was killed in the middle of leaves an order its guest never
+    # saw (the guest checked out again): the unpaid sweep expires it, nothing is stuck.
+    assert report.outcomes.get(STUCK_NO_QR, 0) == 0
+    assert sum(report.outcomes.values()) >= options.orders
     assert {kind for kind, count in report.faults_injected.items() if count == 0} == set()
     assert set(report.faults_injected) == {kind.value for kind in FaultKind}
 

@@ -74,27 +74,44 @@ def run_journeys(count: int) -> JourneyFigures:
         with transaction(runtime.ctx.sessions) as session:
             codes = ensure_demo(session, 4).device_codes
         agents = start_agents(runtime, codes[:1], options.time_scale)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(runtime, manage_runtime=False),
-                host="127.0.0.1",
-                port=port,
-                log_config=None,
-                access_log=False,
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
+        server = _serve(runtime, port)
         try:
             return _measure(runtime, f"http://127.0.0.1:{port}", codes[0], count)
         finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+            server.stop()
             for agent in agents:
                 agent.stop()
             runtime.stop()
+
+
+@dataclass
+class _Server:
+    """The app served by uvicorn in a thread of this process."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _serve(runtime: Runtime, port: int) -> _Server:
+    """Serve the runtime's app on a loopback port; return once it accepts connections."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime, manage_runtime=False),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:  # uvicorn offers no event to wait on
+        time.sleep(0.01)
+    return _Server(server, thread)
 
 
 def _measure(runtime: Runtime, base: str, device: str, count: int) -> JourneyFigures:
@@ -198,19 +215,7 @@ def run_notify_bench(
         runtime.start()
         with transaction(runtime.ctx.sessions) as session:
             codes = ensure_demo(session, 4).device_codes
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(runtime, manage_runtime=False),
-                host="127.0.0.1",
-                port=port,
-                log_config=None,
-                access_log=False,
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
+        server = _serve(runtime, port)
         sandbox = runtime.sandbox
         assert sandbox is not None
         backend = runtime.engine.dialect.name
@@ -257,7 +262,6 @@ def run_notify_bench(
                         )
                     )
         finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+            server.stop()
             runtime.stop()
     return results

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     full_refund_below_s: int = Field(default=60, ge=0)
     device_stale_after_s: float = Field(default=95.0, gt=0)
     maintenance_interval_s: float = Field(default=1.0, gt=0)
+    # Bearer token Prometheus must send for /metrics; unset means open (development).
+    metrics_token: str | None = None
 
     sandbox_enabled: bool = False
     sandbox_time_scale: float = Field(default=1.0, gt=0)
@@ -93,6 +95,8 @@ class Settings(BaseSettings):
             problems.append("provider URLs point at a sandbox")
         if self.mqtt_url == "embedded":
             problems.append("the embedded MQTT broker is for development; set ROOMPAY_MQTT_URL")
+        if not self.metrics_token or len(self.metrics_token) < 16:
+            problems.append("ROOMPAY_METRICS_TOKEN must be set to 16+ characters")
         if not self.public_base_url.startswith("https://"):
             problems.append("ROOMPAY_PUBLIC_BASE_URL must be https:// (providers notify it)")
         if problems:

@@ -1,5 +1,7 @@
 """Operations: liveness, readiness (database and broker) and Prometheus metrics."""
 
+import hmac
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -8,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from roompay.store.db import ping
 from roompay.web.deps import get_runtime
+from roompay.web.errors import error_response
 
 router = APIRouter(tags=["operations"])
 
@@ -35,7 +38,17 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
-    registry = get_runtime(request).ctx.metrics.registry
+    """Prometheus text exposition; behind a bearer token when one is configured.
+
+    The figures (orders by status, devices online) are trade information, so
+    production refuses to start without `ROOMPAY_METRICS_TOKEN`.
+    """
+    runtime = get_runtime(request)
+    token = runtime.settings.metrics_token
+    if token is not None:
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return error_response(401, "unauthorized", "/metrics needs the metrics bearer token")
+    registry = runtime.ctx.metrics.registry
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,12 +1,13 @@
 """The JSON API and operations endpoints through the real app."""
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from roompay.services.auth import Role, create_user
 from roompay.services.seed import create_hotel, ensure_operator, place_devices
 from roompay.store.db import transaction
 from tests.support.devices import device_agents
-from tests.support.server import Stack
+from tests.support.server import Stack, running_stack
 
 
 def _user(stack: Stack, username: str, role: Role, hotel_id: int | None) -> None:
@@ -36,6 +37,34 @@ def test_health_readiness_and_metrics(stack: Stack) -> None:
     assert "roompay_devices_connected 0.0" in metrics.text
     assert "# TYPE roompay_notify_seconds histogram" in metrics.text
     assert "# TYPE roompay_command_seconds histogram" in metrics.text
+
+
+def test_metrics_with_a_configured_token_need_it(
+    tmp_path: Path, keys_dir: Path, backend_urls: tuple[str, str]
+) -> None:
+    # Given a server whose metrics are behind a token
+    database_url, mqtt_url = backend_urls
+    token = "prometheus-scrape-token"
+    with (
+        running_stack(
+            tmp_path, keys_dir, database_url, mqtt_url, with_workers=False, metrics_token=token
+        ) as quiet,
+        quiet.client() as http,
+    ):
+        # When it is scraped without the token, with a wrong one, and with the right one
+        anonymous = http.get("/metrics")
+        wrong = http.get("/metrics", headers={"Authorization": "Bearer not-the-token"})
+        right = http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+
+    # Then only the right token sees the figures
+    assert anonymous.status_code == 401
+    assert anonymous.json() == {
+        "error": {"code": "unauthorized", "message": "/metrics needs the metrics bearer token"}
+    }
+    assert wrong.status_code == 401
+    assert "roompay_" not in wrong.text
+    assert right.status_code == 200
+    assert "# TYPE roompay_notify_seconds histogram" in right.text
 
 
 def test_openapi_is_published(stack: Stack) -> None:

@@ -17,6 +17,7 @@ COMPLETE_PRODUCTION: dict[str, Any] = {
     "mqtt_url": "mqtts://iot:pw@mqtt.roompay.example:8883",
     "public_base_url": "https://pay.roompay.example",
     "database_url": "postgresql+psycopg://roompay@db.roompay.example/roompay",
+    "metrics_token": "m" * 16,
 }
 
 
@@ -63,6 +64,7 @@ def test_development_defaults_are_exactly_these() -> None:
         "full_refund_below_s": 60,
         "device_stale_after_s": 95.0,
         "maintenance_interval_s": 1.0,
+        "metrics_token": None,
         "sandbox_enabled": False,
         "sandbox_time_scale": 1.0,
         "wechat_mchid": None,
@@ -167,6 +169,20 @@ def test_production_refuses_a_secret_of_31_characters() -> None:
     )
 
 
+def test_production_refuses_open_metrics() -> None:
+    error = production_refusal(metrics_token=None)
+
+    assert str(error) == (
+        "production settings refused: ROOMPAY_METRICS_TOKEN must be set to 16+ characters"
+    )
+
+
+def test_production_refuses_a_metrics_token_of_15_characters() -> None:
+    error = production_refusal(metrics_token="m" * 15)
+
+    assert "ROOMPAY_METRICS_TOKEN must be set" in str(error)
+
+
 def test_production_refuses_the_provider_sandbox() -> None:
     error = production_refusal(sandbox_enabled=True)
 
@@ -224,5 +240,6 @@ def test_production_with_every_default_lists_every_problem_in_order() -> None:
         "ROOMPAY_SECRET_KEY must be set to a random value of 32+ characters; "
         "the provider sandbox cannot run in production; "
         "the embedded MQTT broker is for development; set ROOMPAY_MQTT_URL; "
+        "ROOMPAY_METRICS_TOKEN must be set to 16+ characters; "
         "ROOMPAY_PUBLIC_BASE_URL must be https:// (providers notify it)"
     )

@@ -57,9 +57,18 @@ def checkout(ctx: ServiceContext, request: CheckoutRequest) -> CheckoutResult:
         raise unavailable("wallet_unavailable", f"{request.wallet} is not configured here")
     order, created = _create_order(ctx, request)
     with order_context(order.id):
-        if not created:
-            return _replay(order)
-        return _issue_qr(ctx, order, request.device_code)
+        if created or _interrupted(order):
+            return _issue_qr(ctx, order, request.device_code)
+        return _replay(order)
+
+
+def _interrupted(order: Order) -> bool:
+    """Tell whether an earlier attempt with this key stopped before storing the QR code.
+
+    A retry re-issues it: both providers answer a repeated order with the same
+    parameters with the same QR code, so a concurrent duplicate is harmless too.
+    """
+    return order.qr_content is None and order.status == OrderStatus.AWAITING_PAYMENT
 
 
 def _fingerprint(request: CheckoutRequest) -> str:
@@ -161,12 +170,14 @@ def _issue_qr(ctx: ServiceContext, order: Order, device_code: str) -> CheckoutRe
         _abandon(ctx, order.id, str(exc))
         raise unavailable("provider_unavailable", f"{wallet} could not create the order") from exc
     with transaction(ctx.sessions) as session:
-        stored = session.get_one(Order, order.id)
-        stored.qr_content = qr_order.qr_content
-        record_event(session, order.id, ctx.clock.now(), "qr_issued")
+        stored = session.get_one(Order, order.id, with_for_update=True)
+        if stored.qr_content is None:
+            stored.qr_content = qr_order.qr_content
+            record_event(session, order.id, ctx.clock.now(), "qr_issued")
+        qr_content = stored.qr_content  # a concurrent retry's, if it stored one first
     log.info("checkout created", extra={"wallet": wallet.value, "amount_fen": order.amount_fen})
     return CheckoutResult(
-        order.id, order.status, order.amount_fen, wallet, qr_order.qr_content, order.expires_at
+        order.id, order.status, order.amount_fen, wallet, qr_content, order.expires_at
     )
 
 
@@ -192,7 +203,9 @@ def _abandon(ctx: ServiceContext, order_id: str, reason: str) -> None:
 
 def _replay(order: Order) -> CheckoutResult:
     if order.qr_content is None:
-        raise conflict("checkout_in_progress", "this checkout is still being created; retry")
+        raise conflict(
+            "checkout_failed", "this checkout could not be completed; please start a new one"
+        )
     return CheckoutResult(
         order.id,
         order.status,

@@ -3,7 +3,9 @@
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from roompay.domain.catalog import Wallet
 from roompay.services.auth import Role, create_user
+from roompay.services.checkout import CheckoutRequest, _create_order
 from roompay.services.seed import create_hotel, ensure_operator, place_devices
 from roompay.store.db import transaction
 from tests.support.devices import device_agents
@@ -142,14 +144,73 @@ def test_the_same_idempotency_key_returns_the_same_order_even_concurrently(stack
             json={**request, "wallet": "alipay"},
             headers={"Idempotency-Key": "panel-attempt-1"},
         )
-    # Every 201 names the one order; a request still being created may be told to retry
-    assert created
+    # Every answer is the one order with its one QR code
+    assert len(created) == 16
     assert len(set(created)) == 1
-    assert all(status in (201, 409) for status, _ in answers)
     assert stack.table_counts()["orders"] == 1
     # And the key cannot be reused for a different checkout
     assert reused.status_code == 422
     assert reused.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_retry_after_a_crash_before_the_provider_call_issues_the_qr(stack: Stack) -> None:
+    # Given a checkout whose server died right after storing the order, before any QR
+    device = stack.device_codes[1]
+    request = CheckoutRequest(device, "air8h", Wallet.WECHAT, idempotency_key="panel-7")
+    with device_agents(stack, [device]), stack.client() as http:
+        half_made, created = _create_order(stack.runtime.ctx, request)
+        assert created
+        assert half_made.qr_content is None
+
+        # When the panel retries with the same key
+        retry = http.post(
+            "/api/v1/checkout",
+            json={"device": device, "program": "air8h", "wallet": "wechat"},
+            headers={"Idempotency-Key": "panel-7"},
+        )
+        again = http.post(
+            "/api/v1/checkout",
+            json={"device": device, "program": "air8h", "wallet": "wechat"},
+            headers={"Idempotency-Key": "panel-7"},
+        )
+        order = http.get(f"/api/v1/orders/{half_made.id}").json()
+
+    # Then the same order gets its QR code, once, and the replay shows the same one
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["order_id"] == half_made.id
+    assert retry.json()["qr"].startswith("weixin://")
+    assert again.json() == retry.json()
+    assert order["status"] == "awaiting_payment"
+    assert stack.table_counts()["orders"] == 1
+
+
+def test_a_retry_of_a_checkout_the_provider_refused_says_to_start_again(stack: Stack) -> None:
+    # Given a checkout the provider refused
+    device = stack.device_codes[1]
+    body = {"device": device, "program": "air8h", "wallet": "wechat"}
+    with device_agents(stack, [device]), stack.client() as http:
+        armed = http.post(
+            "/sandbox/faults",
+            json={"provider": "wechatpay", "operation": "native", "kind": "system_error"},
+        )
+        assert armed.status_code == 204
+        refused = http.post("/api/v1/checkout", json=body, headers={"Idempotency-Key": "p-8"})
+        counts = stack.table_counts()
+
+        # When the panel retries with the same key
+        retry = http.post("/api/v1/checkout", json=body, headers={"Idempotency-Key": "p-8"})
+
+    # Then it is told clearly, and nothing changes
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "provider_unavailable"
+    assert retry.status_code == 409
+    assert retry.json() == {
+        "error": {
+            "code": "checkout_failed",
+            "message": "this checkout could not be completed; please start a new one",
+        }
+    }
+    assert stack.table_counts() == counts
 
 
 def test_panel_page_shows_programs_wallets_and_the_devices_state(stack: Stack) -> None:

@@ -24,6 +24,7 @@ from roompay.services.expiry import sweep_unpaid
 from roompay.services.metrics import Metrics
 from roompay.services.orders import count_by_status
 from roompay.services.refunds import process_due_refunds
+from roompay.services.webhooks import WebhookOutbox
 from roompay.settings import Settings
 from roompay.store.db import make_engine, session_factory
 from roompay.store.models import Device
@@ -61,6 +62,8 @@ class Runtime:
             metrics=Metrics(),
         )
         self.ctx.metrics.watch_snapshot(self._orders_by_status, self._devices_online)
+        # Installed with the sessions, so any process that records a step queues its webhooks.
+        self.webhooks = WebhookOutbox(self.ctx)
 
     @property
     def topics(self) -> Topics:
@@ -105,6 +108,10 @@ class Runtime:
         self.workers = [dispatcher, refunds, checkouts, presence]
         for worker in self.workers:
             worker.start()
+        webhooks = PeriodicWorker("webhooks", self.webhooks.deliver_due, interval)
+        self.webhooks.on_queued = webhooks.wake
+        self.workers.append(webhooks)
+        webhooks.start()
 
     def stop(self) -> None:
         """Stop the workers, disconnect, stop the embedded broker, close the database."""

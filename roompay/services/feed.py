@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from roompay.store.models import Device, Hotel, Order, OrderEvent, Room
+
+# The wallet of an order that staff started for free (a comp): no provider, no money.
+COMP_WALLET = "comp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +51,42 @@ class FeedItem:
             "program": self.program,
             "wallet": self.wallet,
             "amount_fen": self.amount_fen,
+            "comp": self.comp,
         }
+
+    @property
+    def comp(self) -> bool:
+        """Tell whether the order is a free run granted by staff (no money moved)."""
+        return self.wallet == COMP_WALLET
+
+
+def _items_query() -> Select[OrderEvent, Order, Device, str, str]:
+    return (
+        select(OrderEvent, Order, Device, Hotel.code, Room.number)
+        .join(Order, OrderEvent.order_id == Order.id)
+        .join(Device, Order.device_id == Device.id)
+        .join(Hotel, Order.hotel_id == Hotel.id)
+        .outerjoin(Room, Device.room_id == Room.id)
+        .order_by(OrderEvent.id)
+    )
 
 
 def read_feed(
     session: Session, hotel_scope: int | None, after: int, limit: int = 200
 ) -> list[FeedItem]:
     """Order steps with an id above `after`, oldest first; only the hotel's unless scope is None."""
-    query = (
-        select(OrderEvent, Order, Device, Hotel.code, Room.number)
-        .join(Order, OrderEvent.order_id == Order.id)
-        .join(Device, Order.device_id == Device.id)
-        .join(Hotel, Order.hotel_id == Hotel.id)
-        .outerjoin(Room, Device.room_id == Room.id)
-        .where(OrderEvent.id > after)
-        .order_by(OrderEvent.id)
-        .limit(limit)
-    )
+    query = _items_query().where(OrderEvent.id > after).limit(limit)
     if hotel_scope is not None:
         query = query.where(Order.hotel_id == hotel_scope)
+    return _items(session, query)
+
+
+def feed_items(session: Session, event_ids: list[int]) -> list[FeedItem]:
+    """These order steps as the feed shows them, oldest first."""
+    return _items(session, _items_query().where(OrderEvent.id.in_(event_ids)))
+
+
+def _items(session: Session, query: Select[OrderEvent, Order, Device, str, str]) -> list[FeedItem]:
     return [
         FeedItem(
             id=event.id,

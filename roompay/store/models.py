@@ -401,3 +401,44 @@ class OrderFunds(Base):
     bill_date: Mapped[date] = mapped_column(Date)
     report_id: Mapped[int] = mapped_column(ForeignKey("reconciliation_reports.id"))
     confirmed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class WebhookEndpoint(Base):
+    """A hotel's system that receives every consumption record; one URL per hotel.
+
+    The signing secret is never stored: it is derived from the server's secret key and
+    `secret_salt`, shown once at registration, and changes with every registration.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hotel_id: Mapped[int] = mapped_column(ForeignKey("hotels.id"), unique=True)
+    url: Mapped[str] = mapped_column(String(500))
+    secret_salt: Mapped[str] = mapped_column(String(64))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one record for one endpoint, written with the record itself."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    hotel_id: Mapped[int] = mapped_column(ForeignKey("hotels.id"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("order_events.id"))
+    event: Mapped[str] = mapped_column(String(32))
+    order_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(200))

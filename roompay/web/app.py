@@ -10,7 +10,7 @@ from fastapi.staticfiles import StaticFiles
 
 from roompay import __version__
 from roompay.runtime import Runtime
-from roompay.web import api, api_money, notify, ops, pages
+from roompay.web import api, api_hotel, api_money, notify, ops, pages
 from roompay.web.errors import install_error_handlers
 from roompay.web.limits import BodySizeLimit
 
@@ -35,6 +35,7 @@ def create_app(runtime: Runtime, manage_runtime: bool = True) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(api_money.router)
+    app.include_router(api_hotel.router)
     app.include_router(notify.router)
     app.include_router(ops.router)
     app.include_router(pages.router)

@@ -69,6 +69,15 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     # Without the form's token the refund form is refused before anything is looked up
     ("POST", "/dashboard/orders/{order_id}/refund"): (303, 403, 403, 403, 403),
     ("GET", "/dashboard/revenue"): (303, 200, 200, 403, 403),
+    # Hotel API: webhooks and prices are for managers and the operator (removing is idempotent)
+    ("PUT", "/api/v1/hotels/{hotel}/webhook"): (401, 200, 200, 403, 403),
+    ("GET", "/api/v1/hotels/{hotel}/webhook"): (401, 200, 200, 403, 403),
+    ("DELETE", "/api/v1/hotels/{hotel}/webhook"): (401, 204, 204, 403, 403),
+    ("POST", "/api/v1/hotels/{hotel}/webhook/retry"): (401, 200, 200, 403, 403),
+    ("GET", "/api/v1/hotels/{hotel}/programs"): (401, 200, 200, 403, 403),
+    ("PATCH", "/api/v1/hotels/{hotel}/programs/{program}"): (401, 200, 200, 403, 403),
+    # Comps are for the front desk too; the appliance is offline once the walk begins
+    ("POST", "/api/v1/devices/{code}/comps"): (401, 409, 409, 409, 403),
 }
 
 # A's staff on hotel B's order: told it does not exist. The admin sees every hotel.
@@ -76,6 +85,22 @@ OBJECT_LEVEL: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", "/api/v1/orders/{order_id}/refunds"): (200, 404, 404, 404),
     ("POST", "/api/v1/orders/{order_id}/refunds"): (409, 404, 404, 403),
     ("GET", "/dashboard/orders/{order_id}"): (200, 404, 404, 403),
+}
+
+# A's staff on hotel B's hotel and appliance: told they do not exist.
+HOTEL_LEVEL: dict[tuple[str, str], tuple[int, int, int, int]] = {
+    ("PUT", "/api/v1/hotels/{hotel}/webhook"): (200, 404, 403, 403),
+    ("GET", "/api/v1/hotels/{hotel}/webhook"): (200, 404, 403, 403),
+    ("GET", "/api/v1/hotels/{hotel}/programs"): (200, 404, 403, 403),
+    ("PATCH", "/api/v1/hotels/{hotel}/programs/{program}"): (200, 404, 403, 403),
+    ("POST", "/api/v1/devices/{code}/comps"): (409, 404, 404, 403),
+}
+
+# Valid bodies, so that each answer is about who asks, not about what they sent.
+JSON_BODIES: dict[str, object] = {
+    "/api/v1/hotels/{hotel}/webhook": {"url": "http://127.0.0.1:9/hook"},
+    "/api/v1/hotels/{hotel}/programs/{program}": {"amount_fen": 800},
+    "/api/v1/devices/{code}/comps": {"program": "dry30", "reason": "authorization walk"},
 }
 
 SKIPPED_PREFIXES = ("/sandbox", "/static", "/docs", "/redoc", "/openapi.json")
@@ -92,6 +117,8 @@ class World:
     cookies: dict[str, dict[str, str]]  # role -> the dashboard cookie
     usernames: dict[str, str]
     hotel_a: str
+    hotel_b: str
+    device_b: str
 
 
 def _flatten(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:
@@ -152,16 +179,21 @@ def world(stack: Stack) -> World:
             cookies[role_name] = {"roompay_token": token}
     with stack.runtime.ctx.sessions() as session:
         hotel_code = session.get_one(Hotel, hotel_a).code
-    return World(stack, device_a, orders[0], orders[1], cookies, usernames, hotel_code)
+    return World(
+        stack, device_a, orders[0], orders[1], cookies, usernames, hotel_code, "other", device_b
+    )
 
 
-def _call(world: World, role: str, method: str, path: str, order_id: str) -> int:
+def _call(
+    world: World, role: str, method: str, path: str, order_id: str, *, other_hotel: bool = False
+) -> int:
     url = path.format(
-        code=world.device_a,
+        code=world.device_b if other_hotel else world.device_a,
         order_id=order_id,
-        hotel=world.hotel_a,
+        hotel=world.hotel_b if other_hotel else world.hotel_a,
         period="2026-01-01",
         bill_date="2026-01-01",
+        program="dry30",
     )
     cookie = world.cookies[role]
     headers = {"Authorization": f"Bearer {cookie['roompay_token']}"} if cookie else {}
@@ -173,6 +205,8 @@ def _call(world: World, role: str, method: str, path: str, order_id: str) -> int
         kwargs["json"] = {"amount_fen": 100, "reason": "authorization walk"}
     elif path == "/dashboard/orders/{order_id}/refund":
         kwargs["data"] = {"amount": "1.00", "reason": "walk", "key": "k1", "csrf": "forged"}
+    elif path in JSON_BODIES and method in ("PUT", "PATCH", "POST"):
+        kwargs["json"] = JSON_BODIES[path]
     elif method == "POST":
         kwargs["content"] = b"{}"
         headers["Content-Type"] = "application/json"
@@ -203,3 +237,13 @@ def test_hotel_a_staff_are_told_hotel_b_orders_do_not_exist(world: World) -> Non
         for route in OBJECT_LEVEL
     }
     assert actual == OBJECT_LEVEL
+
+
+def test_hotel_a_staff_are_told_hotel_b_and_its_appliances_do_not_exist(world: World) -> None:
+    actual = {
+        route: tuple(
+            _call(world, role, *route, world.order_b, other_hotel=True) for role in ROLES[1:]
+        )
+        for route in HOTEL_LEVEL
+    }
+    assert actual == HOTEL_LEVEL

@@ -25,7 +25,7 @@ from roompay.services.payments import queue_start
 from roompay.services.staff import audit
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
-from roompay.store.models import Command, Device, Order
+from roompay.store.models import Command, Device, Hotel, Order, Room
 
 COMP_ROLES = frozenset({Role.ADMIN, Role.MANAGER, Role.FRONT_DESK})
 MAX_REASON = 200
@@ -190,3 +190,41 @@ def _view(order: Order, device_code: str, reason: str, *, created: bool) -> Comp
         created_at=order.created_at,
         created=created,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CompChoice:
+    """An appliance a comp can start now, and the programs it runs."""
+
+    device: str
+    kind: str
+    hotel: str
+    room: str | None
+    programs: list[tuple[str, str, int]]  # code, name, duration_s
+
+
+def comp_choices(session: Session, hotel_scope: int | None) -> list[CompChoice]:
+    """The caller's idle, online appliances with their active programs, by hotel and room."""
+    query = (
+        select(Device, Hotel.code, Room.number)
+        .join(Hotel, Device.hotel_id == Hotel.id)
+        .outerjoin(Room, Device.room_id == Room.id)
+        .where(
+            Device.online.is_(True),
+            Device.state == "idle",
+            Device.current_order_id.is_(None),
+        )
+        .order_by(Hotel.code, Room.number, Device.code)
+    )
+    if hotel_scope is not None:
+        query = query.where(Device.hotel_id == hotel_scope)
+    return [
+        CompChoice(
+            device=device.code,
+            kind=device.kind,
+            hotel=hotel,
+            room=room,
+            programs=[(p.code, p.name, p.duration_s) for p in device_programs(session, device)],
+        )
+        for device, hotel, room in session.execute(query).all()
+    ]

@@ -11,7 +11,7 @@ import json
 import threading
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -20,10 +20,21 @@ from fastapi.templating import Jinja2Templates
 from roompay.domain.catalog import APPLIANCE_NAMES, ApplianceKind
 from roompay.domain.errors import InvalidAmountError
 from roompay.domain.money import format_cny, parse_yuan, yuan_str
-from roompay.services import catalog, dashboard, orders, staff, timeline
+from roompay.services import (
+    catalog,
+    comps,
+    dashboard,
+    orders,
+    reconciliation,
+    settlement,
+    staff,
+    timeline,
+    webhooks,
+)
 from roompay.services.auth import (
     LoginThrottle,
     Principal,
+    Role,
     authenticate,
     issue_token,
     read_token,
@@ -249,6 +260,8 @@ def _render(
             "csrf": _csrf(request) if principal else "",
             "sees_orders": principal is not None and principal.role in dashboard.ORDER_ROLES,
             "sees_revenue": principal is not None and principal.role in dashboard.REVENUE_ROLES,
+            "sees_reconciliation": principal is not None
+            and principal.role in dashboard.RECONCILIATION_ROLES,
             "format_cny": format_cny,
             "local_time": _local_time,
             "kind_name": lambda kind: _kind_name(kind, lang),
@@ -370,6 +383,7 @@ def _timeline_values(request: Request, principal: Principal, order_id: str) -> d
         "refund_key": ctx.ids.token(8),
         "error": None,
         "done": request.query_params.get("refunded") == "1",
+        "comped": request.query_params.get("comped") == "1",
     }
 
 
@@ -437,9 +451,11 @@ def revenue_page(request: Request) -> Response:
     if isinstance(principal, Response):
         return principal
     ctx = get_ctx(request)
+    today = dashboard.hotel_today(ctx.clock.now())
     with ctx.sessions() as session:
-        result = dashboard.revenue(
-            session, principal.hotel_scope(), dashboard.hotel_today(ctx.clock.now())
+        result = dashboard.revenue(session, principal.hotel_scope(), today)
+        by_hotel = (
+            dashboard.revenue_by_hotel(session, None, today) if principal.role is Role.ADMIN else []
         )
     return _render(
         request,
@@ -448,6 +464,7 @@ def revenue_page(request: Request) -> Response:
         revenue=result,
         day_bars=_bars(result.by_day),
         kind_bars=_bars(result.by_kind),
+        hotel_bars=_bars(by_hotel),
         same=str,
     )
 
@@ -466,3 +483,263 @@ def _bars(lines: list[dashboard.RevenueLine]) -> list[dict[str, object]]:
         }
         for index, line in enumerate(lines)
     ]
+
+
+def _service_status(exc: ServiceError) -> int:
+    return STATUS_BY_KIND.get(exc.kind, 400)
+
+
+# --- comps ---------------------------------------------------------------------------------
+
+
+def _comp_values(request: Request, principal: Principal, device: str) -> dict[str, Any]:
+    with get_ctx(request).sessions() as session:
+        choices = comps.comp_choices(session, principal.hotel_scope())
+    return {
+        "choices": choices,
+        "chosen": device,
+        "comp_key": get_ctx(request).ids.token(8),
+        "error": None,
+    }
+
+
+@router.get("/dashboard/comp", response_class=HTMLResponse, response_model=None)
+def comp_page(request: Request, device: Annotated[str, Query(max_length=64)] = "") -> Response:
+    """Start a free run on an idle appliance, with a reason."""
+    principal = _staff(request, comps.COMP_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    return _render(request, "comp.html", principal, **_comp_values(request, principal, device))
+
+
+@router.post("/dashboard/comp", response_class=HTMLResponse, response_model=None)
+def comp_from_page(
+    request: Request,
+    device: Annotated[str, Form(max_length=64)],
+    program: Annotated[str, Form(max_length=32)],
+    reason: Annotated[str, Form(max_length=200)],
+    key: Annotated[str, Form(max_length=64)],
+    csrf: Annotated[str, Form(max_length=64)],
+) -> Response:
+    """Start the comp through the same use case as the API, then show its timeline."""
+    principal = _staff(request, comps.COMP_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    try:
+        view = comps.start_comp(
+            get_ctx(request), principal, device, program, reason, f"page:{key}" if key else None
+        )
+    except ServiceError as exc:
+        values = _comp_values(request, principal, device)
+        values["error"] = exc.message
+        return _render(request, "comp.html", principal, _service_status(exc), **values)
+    lang = _lang(request)
+    return RedirectResponse(
+        f"/dashboard/orders/{view.order_id}?comped=1&lang={lang}", status_code=303
+    )
+
+
+# --- programs and prices -------------------------------------------------------------------
+
+
+def _programs_values(request: Request, principal: Principal) -> dict[str, Any]:
+    with get_ctx(request).sessions() as session:
+        hotels = catalog.programs_by_hotel(session, principal)
+    return {"hotels": hotels, "yuan": yuan_str, "error": None, "error_target": None}
+
+
+@router.get("/dashboard/programs", response_class=HTMLResponse, response_model=None)
+def programs_page(request: Request) -> Response:
+    """Each program of the caller's hotels: price and whether it is on sale."""
+    principal = _staff(request, catalog.PRICE_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    values = _programs_values(request, principal)
+    values["saved"] = request.query_params.get("saved", "")
+    return _render(request, "programs.html", principal, **values)
+
+
+@router.post(
+    "/dashboard/programs/{hotel}/{program}", response_class=HTMLResponse, response_model=None
+)
+def program_from_page(
+    request: Request,
+    hotel: str,
+    program: str,
+    price: Annotated[str, Form(max_length=20)],
+    csrf: Annotated[str, Form(max_length=64)],
+    active: Annotated[str, Form(max_length=8)] = "",
+) -> Response:
+    """Save one program's price (in yuan on the page, fen in the store) and availability."""
+    principal = _staff(request, catalog.PRICE_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    try:
+        try:
+            amount_fen = parse_yuan(price)
+        except InvalidAmountError:
+            raise ServiceError(
+                ErrorKind.INVALID, "invalid_price", f"not a price in yuan: {price[:20]}"
+            ) from None
+        catalog.update_program(
+            get_ctx(request),
+            principal,
+            hotel,
+            program,
+            amount_fen=amount_fen,
+            active=active == "on",
+        )
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        values = _programs_values(request, principal)
+        values |= {"error": exc.message, "error_target": f"{hotel}/{program}", "saved": ""}
+        return _render(request, "programs.html", principal, _service_status(exc), **values)
+    lang = _lang(request)
+    return RedirectResponse(
+        f"/dashboard/programs?saved={hotel}/{program}&lang={lang}", status_code=303
+    )
+
+
+# --- webhooks ------------------------------------------------------------------------------
+
+
+def _webhook_values(request: Request, principal: Principal) -> dict[str, Any]:
+    return {
+        "hooks": webhooks.describe_all(get_ctx(request), principal),
+        "secret": None,
+        "secret_hotel": None,
+        "error": None,
+        "error_hotel": None,
+        "retried": request.query_params.get("retried", ""),
+    }
+
+
+@router.get("/dashboard/webhooks", response_class=HTMLResponse, response_model=None)
+def webhooks_page(request: Request) -> Response:
+    """Each hotel's receiver URL and its deliveries: delivered, pending or failing."""
+    principal = _staff(request, webhooks.WEBHOOK_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    return _render(request, "webhooks.html", principal, **_webhook_values(request, principal))
+
+
+@router.post("/dashboard/webhooks/{hotel}", response_class=HTMLResponse, response_model=None)
+def webhook_from_page(
+    request: Request,
+    hotel: str,
+    url: Annotated[str, Form(max_length=webhooks.MAX_URL_LENGTH)],
+    csrf: Annotated[str, Form(max_length=64)],
+) -> Response:
+    """Register the hotel's URL and show its new secret, this once."""
+    principal = _staff(request, webhooks.WEBHOOK_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    try:
+        done = webhooks.register(get_ctx(request), principal, hotel, url)
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        values = _webhook_values(request, principal)
+        values |= {"error": exc.message, "error_hotel": hotel}
+        return _render(request, "webhooks.html", principal, _service_status(exc), **values)
+    values = _webhook_values(request, principal)
+    values |= {"secret": done.secret, "secret_hotel": done.hotel}
+    response = _render(request, "webhooks.html", principal, **values)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.post("/dashboard/webhooks/{hotel}/retry", response_class=HTMLResponse, response_model=None)
+def webhook_retry_from_page(
+    request: Request, hotel: str, csrf: Annotated[str, Form(max_length=64)]
+) -> Response:
+    """Send the hotel's failing deliveries again."""
+    principal = _staff(request, webhooks.WEBHOOK_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    try:
+        count = webhooks.retry_failing(get_ctx(request), principal, hotel)
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        raise
+    lang = _lang(request)
+    return RedirectResponse(f"/dashboard/webhooks?retried={count}&lang={lang}", status_code=303)
+
+
+# --- statements and reconciliation ---------------------------------------------------------
+
+
+@router.get("/dashboard/statements", response_class=HTMLResponse, response_model=None)
+def statements_page(
+    request: Request, period: Annotated[str, Query(max_length=10)] = ""
+) -> Response:
+    """Issued statements of the caller's hotels with their totals and printable forms."""
+    principal = _staff(request, dashboard.STATEMENT_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    with get_ctx(request).sessions() as session:
+        rows = dashboard.list_statements(session, principal.hotel_scope(), period.strip())
+    return _render(request, "statements.html", principal, statements=rows, period=period)
+
+
+@router.get(
+    "/dashboard/statements/{hotel}/{period}", response_class=HTMLResponse, response_model=None
+)
+def statement_page(
+    request: Request,
+    hotel: str,
+    period: str,
+    fmt: Annotated[Literal["html", "csv"], Query(alias="format")] = "html",
+) -> Response:
+    """One issued statement, printable or as CSV; hotel staff see their own hotel's only."""
+    principal = _staff(request, dashboard.STATEMENT_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    ctx = get_ctx(request)
+    try:
+        scope = principal.hotel_scope()
+        if scope is not None and settlement.hotel_id_of(ctx, hotel) != scope:
+            return _not_found(request, principal)
+        view = settlement.read_statement(ctx, hotel, period)
+    except ServiceError as exc:
+        if exc.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID):
+            return _not_found(request, principal)
+        raise
+    if fmt == "csv":
+        return Response(
+            settlement.statement_csv(view),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="statement-{hotel}-{period}.csv"'
+            },
+        )
+    return TEMPLATES.TemplateResponse(request, "statement.html", {"s": view, "cny": format_cny})
+
+
+@router.get("/dashboard/reconciliation", response_class=HTMLResponse, response_model=None)
+def reconciliation_page(request: Request) -> Response:
+    """The newest reconciliation report of each day and wallet, with its differences."""
+    principal = _staff(request, dashboard.RECONCILIATION_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    with get_ctx(request).sessions() as session:
+        reports = dashboard.list_reconciliations(session)
+        differences = {r.id: dashboard.report_differences(session, r.id) for r in reports}
+    return _render(
+        request,
+        "reconciliation.html",
+        principal,
+        reports=reports,
+        differences=differences,
+        outcomes=[o.value for o in reconciliation.Outcome],
+    )

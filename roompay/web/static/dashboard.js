@@ -58,6 +58,10 @@
     const li = document.createElement("li");
     li.dataset.event = item.event;
     li.dataset.order = item.order_id;
+    if (item.comp) {
+      li.dataset.comp = "1";
+      li.classList.add("comp");
+    }
     const time = document.createElement("time");
     time.textContent = hhmmss(item.at);
     const what = document.createElement("strong");

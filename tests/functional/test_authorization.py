@@ -78,6 +78,18 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     ("PATCH", "/api/v1/hotels/{hotel}/programs/{program}"): (401, 200, 200, 403, 403),
     # Comps are for the front desk too; the appliance is offline once the walk begins
     ("POST", "/api/v1/devices/{code}/comps"): (401, 409, 409, 409, 403),
+    # Dashboard pages of the hotel API and the money; forms without their token are refused
+    ("GET", "/dashboard/comp"): (303, 200, 200, 200, 403),
+    ("POST", "/dashboard/comp"): (303, 403, 403, 403, 403),
+    ("GET", "/dashboard/programs"): (303, 200, 200, 403, 403),
+    ("POST", "/dashboard/programs/{hotel}/{program}"): (303, 403, 403, 403, 403),
+    ("GET", "/dashboard/webhooks"): (303, 200, 200, 403, 403),
+    ("POST", "/dashboard/webhooks/{hotel}"): (303, 403, 403, 403, 403),
+    ("POST", "/dashboard/webhooks/{hotel}/retry"): (303, 403, 403, 403, 403),
+    ("GET", "/dashboard/statements"): (303, 200, 200, 403, 403),
+    # The statement the operator issued above, through the API
+    ("GET", "/dashboard/statements/{hotel}/{period}"): (303, 200, 200, 403, 403),
+    ("GET", "/dashboard/reconciliation"): (303, 200, 403, 403, 403),
 }
 
 # A's staff on hotel B's order: told it does not exist. The admin sees every hotel.
@@ -94,6 +106,8 @@ HOTEL_LEVEL: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", "/api/v1/hotels/{hotel}/programs"): (200, 404, 403, 403),
     ("PATCH", "/api/v1/hotels/{hotel}/programs/{program}"): (200, 404, 403, 403),
     ("POST", "/api/v1/devices/{code}/comps"): (409, 404, 404, 403),
+    # Hotel B has no statement: the operator is told so, A's manager that B does not exist
+    ("GET", "/dashboard/statements/{hotel}/{period}"): (404, 404, 403, 403),
 }
 
 # Valid bodies, so that each answer is about who asks, not about what they sent.
@@ -101,6 +115,20 @@ JSON_BODIES: dict[str, object] = {
     "/api/v1/hotels/{hotel}/webhook": {"url": "http://127.0.0.1:9/hook"},
     "/api/v1/hotels/{hotel}/programs/{program}": {"amount_fen": 800},
     "/api/v1/devices/{code}/comps": {"program": "dry30", "reason": "authorization walk"},
+}
+
+# Complete forms whose only fault is a forged token.
+FORM_BODIES: dict[str, dict[str, str]] = {
+    "/dashboard/comp": {
+        "device": "x",
+        "program": "dry30",
+        "reason": "walk",
+        "key": "k1",
+        "csrf": "forged",
+    },
+    "/dashboard/programs/{hotel}/{program}": {"price": "8.00", "active": "on", "csrf": "forged"},
+    "/dashboard/webhooks/{hotel}": {"url": "http://127.0.0.1:9/hook", "csrf": "forged"},
+    "/dashboard/webhooks/{hotel}/retry": {"csrf": "forged"},
 }
 
 SKIPPED_PREFIXES = ("/sandbox", "/static", "/docs", "/redoc", "/openapi.json")
@@ -205,6 +233,8 @@ def _call(
         kwargs["json"] = {"amount_fen": 100, "reason": "authorization walk"}
     elif path == "/dashboard/orders/{order_id}/refund":
         kwargs["data"] = {"amount": "1.00", "reason": "walk", "key": "k1", "csrf": "forged"}
+    elif path in FORM_BODIES and method == "POST":
+        kwargs["data"] = FORM_BODIES[path]
     elif path in JSON_BODIES and method in ("PUT", "PATCH", "POST"):
         kwargs["json"] = JSON_BODIES[path]
     elif method == "POST":

@@ -1,12 +1,19 @@
 """The server's side of the device link: commands out, events and state in.
 
-Runs on paho's own network thread (`loop_start`). paho reconnects with backoff
-by itself; every (re)connect subscribes again, so a broker restart costs no
-subscriptions even with a clean session.
+paho's own network thread (`loop_start`) only moves packets: each device message
+is queued for the handler threads (`Inbox`), never handled there. The handler
+writes to the database; run on the network thread it would also hold back every
+PUBACK the broker sends for our own publishes, and with paho's window of 20
+unacknowledged messages full, start commands would wait in paho's queue behind
+run acks until their deadline passed (the fleet simulator's collapse under load).
+paho reconnects with backoff by itself; every (re)connect subscribes again, so a
+broker restart costs no subscriptions even with a clean session.
 """
 
 import logging
 import threading
+import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +29,115 @@ from roompay.protocol.topics import CommandName, ParsedTopic, Topics
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, ParsedTopic, bytes], None]
-"""Called on paho's thread with (topic, parsed topic, payload) for each device message."""
+"""Called on a handler thread with (topic, parsed topic, payload) for each device message."""
+
+HANDLER_THREADS = 4
+
+
+class Inbox:
+    """Device messages waiting for the handler: in arrival order per device, each copy once.
+
+    A device's messages always go to the same thread, so they are handled in the
+    order they came; different devices are handled side by side. A message equal
+    to one still waiting (same topic, same bytes: a device re-sending its outbox,
+    a broker redelivering) is dropped, so a backlog cannot feed on itself.
+    """
+
+    def __init__(self, handler: MessageHandler, threads: int = HANDLER_THREADS) -> None:
+        if threads < 1:
+            raise ValueError("an inbox needs at least one thread")
+        self._handler = handler
+        self._lanes = [_Lane(handler, index) for index in range(threads)]
+
+    @property
+    def waiting(self) -> int:
+        """How many messages wait for the handler now."""
+        return sum(lane.waiting for lane in self._lanes)
+
+    @property
+    def dropped_copies(self) -> int:
+        """How many copies of a waiting message were dropped so far."""
+        return sum(lane.dropped_copies for lane in self._lanes)
+
+    def start(self) -> None:
+        """Start the handler threads."""
+        for lane in self._lanes:
+            lane.start()
+
+    def put(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        """Queue a message for its device's thread; returns at once."""
+        lane = self._lanes[zlib.crc32(parsed.code.encode()) % len(self._lanes)]
+        lane.put(topic, parsed, payload)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Handle what is already queued, then stop the threads."""
+        for lane in self._lanes:
+            lane.stop(timeout_s)
+
+
+class _Lane:
+    """One handler thread and its queue."""
+
+    def __init__(self, handler: MessageHandler, index: int) -> None:
+        self._handler = handler
+        self._index = index
+        self._queue: deque[tuple[str, ParsedTopic, bytes]] = deque()
+        self._queued: set[tuple[str, bytes]] = set()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.dropped_copies = 0
+
+    @property
+    def waiting(self) -> int:
+        with self._ready:
+            return len(self._queue)
+
+    def start(self) -> None:
+        with self._ready:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name=f"device-messages-{self._index}", daemon=True
+            )
+            self._thread.start()
+
+    def put(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        key = (topic, payload)
+        with self._ready:
+            if key in self._queued:
+                self.dropped_copies += 1
+                return
+            self._queued.add(key)
+            self._queue.append((topic, parsed, payload))
+            self._ready.notify()
+
+    def stop(self, timeout_s: float) -> None:
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                topic, parsed, payload = self._queue.popleft()
+                # Still marked while handled: a copy arriving meanwhile adds nothing.
+            try:
+                self._handler(topic, parsed, payload)
+            except Exception:
+                # The handler is application code; the thread must survive whatever it does.
+                log.exception("message handler failed on %s", topic)
+            finally:
+                with self._ready:
+                    self._queued.discard((topic, payload))
 
 
 class MqttLink:
@@ -37,10 +152,13 @@ class MqttLink:
         *,
         keepalive_s: int = 30,
         clean_session: bool = True,
+        handler_threads: int = HANDLER_THREADS,
     ) -> None:
         self._endpoint = endpoint
         self._topics = topics
-        self._handler = on_message
+        self._inbox = Inbox(on_message, handler_threads)
+        # The copy of each start command last handed to paho, by command id.
+        self._starts: dict[str, mqtt.MQTTMessageInfo] = {}
         self._keepalive_s = keepalive_s
         self._latch = StartupLatch()
         self._subscribe_mid: int | None = None
@@ -64,33 +182,57 @@ class MqttLink:
                 raise LinkError("MQTT link already started")
             # A fresh latch per start, so a restart waits for its own CONNACK and SUBACK.
             self._latch = StartupLatch()
-            bring_up(
-                self._client,
-                self._endpoint,
-                self._latch,
-                keepalive_s=self._keepalive_s,
-                timeout_s=timeout_s,
-            )
+            self._inbox.start()
+            try:
+                bring_up(
+                    self._client,
+                    self._endpoint,
+                    self._latch,
+                    keepalive_s=self._keepalive_s,
+                    timeout_s=timeout_s,
+                )
+            except LinkError:
+                self._inbox.stop()
+                raise
             self._started = True
 
+    @property
+    def inbox(self) -> Inbox:
+        """The device messages waiting for the handler."""
+        return self._inbox
+
     def publish_start(self, code: str, cmd: StartCommand) -> None:
-        """Send a start command to device `code` at QoS 1, never retained."""
-        self.publish(self._topics.command(code, CommandName.START), encode(cmd), qos=1)
+        """Send a start command to device `code` at QoS 1, never retained.
+
+        A re-send while the previous copy of the same command is still in paho's
+        queue (not yet acknowledged by the broker) is skipped: it would only wait
+        behind that copy and reach the device as a duplicate.
+        """
+        with self._lock:
+            earlier = self._starts.get(cmd.cmd_id)
+            if earlier is not None and not earlier.is_published():
+                return
+            for cmd_id in [key for key, info in self._starts.items() if info.is_published()]:
+                del self._starts[cmd_id]
+            topic = self._topics.command(code, CommandName.START)
+            self._starts[cmd.cmd_id] = self.publish(topic, encode(cmd), qos=1)
 
     def publish_run_ack(self, code: str, ack: RunAck) -> None:
         """Tell device `code` that its run events up to `ack.seq` are stored (QoS 1)."""
         self.publish(self._topics.command(code, CommandName.RUN_ACK), encode(ack), qos=1)
 
-    def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int, *, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
         """Queue a message; with QoS > 0 paho keeps it across a reconnect. Thread-safe."""
         if not self._started:
             raise LinkError("MQTT link is not started")
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
-            return
+            return info
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
             log.info("broker unreachable; %s queued until reconnect", topic)
-            return
+            return info
         raise LinkError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
 
     def stop(self) -> None:
@@ -100,6 +242,7 @@ class MqttLink:
                 return
             self._started = False
             shut_down(self._client)
+            self._inbox.stop()
 
     def _on_connect(
         self,
@@ -151,8 +294,5 @@ class MqttLink:
         except InvalidTopicError as exc:
             log.warning("dropped a message: %s", exc)
             return
-        try:
-            self._handler(msg.topic, parsed, bytes(msg.payload))
-        except Exception:
-            # The handler is application code; paho's thread must survive whatever it does.
-            log.exception("message handler failed on %s", msg.topic)
+        # Never handled here: this thread must stay free to read the broker's PUBACKs.
+        self._inbox.put(msg.topic, parsed, bytes(msg.payload))

@@ -1,0 +1,133 @@
+"""What the fleet simulator found under load: the server's link must keep commands moving.
+
+The simulator (80 appliances, faults, PostgreSQL and Mosquitto) saw most paid orders
+never run: the server handled each device message, a database transaction, on
+paho's network thread. While it did, nothing was read or written on the socket, so
+start commands waited behind the backlog of device messages and the broker's
+PUBACKs; paho's window of 20 unacknowledged messages stayed full, its queue grew
+into the thousands, and starts missed their deadline. The device messages now wait
+for handler threads, and each copy of a message still waiting is handled once.
+"""
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from roompay.iot.link import MqttLink
+from roompay.protocol.messages import AckStatus, CommandAck, decode
+from roompay.protocol.mqtt_url import MqttEndpoint
+from roompay.protocol.topics import EventName, ParsedTopic, Topics
+from tests.functional.device_harness import (  # noqa: F401 (fixtures, requested by name)
+    WAIT_S,
+    AgentFactory,
+    Commands,
+    code,
+    commands,
+    endpoint,
+    make_agent,
+    topics,
+)
+
+
+class StuckDatabase:
+    """A device-message handler that hangs on its first message until released, as a
+    database does when a transaction waits for a lock."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.handled: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, _parsed: ParsedTopic, payload: bytes) -> None:
+        self.entered.set()
+        if not self.release.wait(WAIT_S * 3):
+            raise RuntimeError("never released")
+        with self._lock:
+            self.handled.append((topic, payload))
+
+    def wait_handled(self, count: int) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.handled) >= count:
+                    return list(self.handled)
+            time.sleep(0.02)
+        raise AssertionError(f"handled {self.handled}, expected {count} messages")
+
+
+@pytest.fixture
+def stuck() -> Iterator[StuckDatabase]:
+    handler = StuckDatabase()
+    yield handler
+    handler.release.set()
+
+
+@pytest.fixture
+def link(endpoint: MqttEndpoint, topics: Topics, stuck: StuckDatabase) -> Iterator[MqttLink]:
+    server = MqttLink(endpoint, topics, f"roompay-server-{secrets.token_hex(4)}", stuck)
+    server.start(timeout_s=WAIT_S)
+    yield server
+    stuck.release.set()
+    server.stop()
+
+
+def test_a_start_reaches_the_appliance_while_the_server_is_stuck_on_a_device_message(
+    link: MqttLink,
+    stuck: StuckDatabase,
+    make_agent: AgentFactory,
+    commands: Commands,
+    code: str,
+    topics: Topics,
+) -> None:
+    # Given a server whose handling of device messages hangs (the appliance's birth is
+    # the first message it gets)
+    _agent, relay = make_agent(time_scale=1.0)
+    assert stuck.entered.wait(WAIT_S)
+
+    # When it sends a start command meanwhile
+    command = commands.start("load-1", duration_s=600)
+    link.publish_start(code, command)
+
+    # Then the appliance gets it and switches on while the handler is still stuck
+    relay.wait_switches(1)
+    assert relay.is_on is True
+    assert not stuck.release.is_set()
+
+    # And once the handler frees up, the appliance's acceptance is handled too
+    stuck.release.set()
+    ack_topic = topics.event(code, EventName.ACK)
+    deadline = time.monotonic() + WAIT_S
+    acks: list[CommandAck] = []
+    while not acks and time.monotonic() < deadline:
+        acks = [decode(CommandAck, p) for t, p in list(stuck.handled) if t == ack_topic]
+        time.sleep(0.02)
+    assert [(a.cmd_id, a.status) for a in acks] == [("load-1", AckStatus.ACCEPTED)]
+
+
+def test_copies_of_a_device_message_still_waiting_are_handled_once_and_in_order(
+    link: MqttLink, stuck: StuckDatabase, topics: Topics
+) -> None:
+    # Given a server stuck on a device's first message
+    device = f"dev-{secrets.token_hex(4)}"
+    run_topic = topics.event(device, EventName.RUN)
+    link.publish(run_topic, b"first", qos=1)
+    assert stuck.entered.wait(WAIT_S)
+
+    # When the device re-sends the same event three times, then another one
+    for _ in range(3):
+        link.publish(run_topic, b"second", qos=1)
+    link.publish(run_topic, b"third", qos=1)
+    deadline = time.monotonic() + WAIT_S
+    while link.inbox.waiting < 2 or link.inbox.dropped_copies < 2:
+        assert time.monotonic() < deadline, "the copies never arrived"
+        time.sleep(0.02)
+
+    # Then, once the handler frees up, each distinct message is handled once, in order
+    stuck.release.set()
+    handled = stuck.wait_handled(3)
+    assert handled == [(run_topic, b"first"), (run_topic, b"second"), (run_topic, b"third")]
+    assert link.inbox.dropped_copies == 2

@@ -18,7 +18,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database tasks.", no_args_is_help=True)
 device_app = typer.Typer(help="Appliance IoT modules.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-bench_app = typer.Typer(help="Performance figures measured on this machine.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Performance figures measured on this machine.", invoke_without_command=True
+)
 app.add_typer(device_app, name="device")
 app.add_typer(bench_app, name="bench")
 register_fleet_commands(app, device_app)
@@ -143,6 +145,56 @@ def device_run(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[
+        bool, typer.Option(help="1,000 appliances and fewer orders: under 3 minutes.")
+    ] = False,
+    smoke: Annotated[bool, typer.Option(help="The smallest sizes, to check it runs.")] = False,
+    embedded: Annotated[
+        bool, typer.Option(help="SQLite and the embedded broker instead of the services.")
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures here.")
+    ] = None,
+    postgres_url: Annotated[
+        str, typer.Option(help="PostgreSQL server; a scratch database is made next to this one.")
+    ] = "postgresql://postgres@127.0.0.1:5432/test",
+    mqtt_url: Annotated[
+        str,
+        typer.Option(
+            help="Mosquitto to use, e.g. mqtt://127.0.0.1:1883; `own` starts one configured"
+            " as in production (TCP_NODELAY)."
+        ),
+    ] = "own",
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Record the server with py-spy during roompay at c=16 (raw stacks)."),
+    ] = None,
+) -> None:
+    """The whole suite: pay -> start, checkout, fleet and feed, with the bare baseline."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from roompay.bench import FULL, QUICK, SMOKE, BenchOptions, run_suite  # noqa: PLC0415
+    from roompay.bench.report import print_report, write_json  # noqa: PLC0415
+
+    configure_logging("WARNING")
+    sizes = SMOKE if smoke else QUICK if quick else FULL
+    options = BenchOptions(
+        sizes=sizes,
+        embedded=embedded,
+        postgres_url=postgres_url,
+        mqtt_url=mqtt_url,
+        profile=profile,
+        log=lambda message: typer.echo(f"bench: {message}", err=True),
+    )
+    results = run_suite(options)
+    print_report(results)
+    if json_file is not None:
+        write_json(results, json_file)
 
 
 @bench_app.command("journey")

@@ -1,0 +1,76 @@
+"""`roompay bench` in its smallest form: every section runs and reports figures.
+
+No timing is asserted (the machine is shared); only that each measure happened,
+with nothing lost: every order accepted, every start seen by every subscriber.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roompay.bench import BenchOptions, Sizes, run_suite
+from tests.support.services import MOSQUITTO_URL, PG_ADMIN_URL
+
+TINY = Sizes(
+    name="tiny",
+    orders={1: 3, 4: 6},
+    fleet_devices=10,
+    fleet_rate=10.0,
+    fleet_s=0.5,
+    feed_subscribers=3,
+    feed_starts=2,
+    feed_rate=10.0,
+    heartbeat_s=2.0,
+    warmup=2,
+)
+
+
+def _assert_complete(results: dict[str, Any]) -> None:
+    assert [row["concurrency"] for row in results["pay_to_start"]] == [1, 4]
+    for row in results["pay_to_start"]:
+        for side in ("roompay", "baseline"):
+            figures = row[side]
+            assert figures["count"] == TINY.orders[row["concurrency"]]
+            assert figures["errors"] == 0
+            assert figures["p50_ms"] > 0
+            assert figures["p99_ms"] >= figures["p50_ms"]
+            assert figures["per_second"] > 0
+        assert row["ratio_p50"] > 0
+        assert row["ratio_per_second"] > 0
+    assert results["checkout"]["count"] == 3
+    assert results["checkout"]["p50_ms"] > 0
+    fleet = results["fleet"]
+    assert fleet["devices"] == 10
+    assert (fleet["orders"], fleet["accepted"], fleet["errors"]) == (5, 5, 0)
+    assert fleet["server_rss_mb"] > 0
+    assert fleet["broker_rss_mb"] > 0
+    feed = results["feed"]
+    assert (feed["subscribers"], feed["starts"], feed["missed"], feed["errors"]) == (3, 2, 0, 0)
+    assert feed["all_seen_p99_ms"] > 0
+    assert {check["target"].split(" ")[0] for check in results["targets"]} >= {"pay->start"}
+
+
+@pytest.mark.timeout(60)
+def test_the_smallest_bench_on_sqlite_and_the_embedded_broker_reports_every_figure(
+    tmp_path: Path,
+) -> None:
+    results = run_suite(BenchOptions(sizes=TINY, embedded=True, work_dir=tmp_path))
+
+    _assert_complete(results)
+    assert results["backend"] == "SQLite + embedded broker"
+
+
+@pytest.mark.services
+@pytest.mark.timeout(60)
+def test_the_smallest_bench_on_postgres_and_mosquitto_reports_every_figure(
+    tmp_path: Path,
+) -> None:
+    results = run_suite(
+        BenchOptions(
+            sizes=TINY, postgres_url=PG_ADMIN_URL, mqtt_url=MOSQUITTO_URL, work_dir=tmp_path
+        )
+    )
+
+    _assert_complete(results)
+    assert results["backend"] == "PostgreSQL + Mosquitto"

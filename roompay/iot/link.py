@@ -22,7 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from roompay.iot.client import StartupLatch, bring_up, new_client, shut_down
 from roompay.protocol.errors import InvalidTopicError, LinkError
-from roompay.protocol.messages import RunAck, StartCommand, encode
+from roompay.protocol.messages import RunAck, StartCommand, StopCommand, encode
 from roompay.protocol.mqtt_url import MqttEndpoint
 from roompay.protocol.topics import CommandName, ParsedTopic, Topics
 
@@ -216,6 +216,10 @@ class MqttLink:
                 del self._starts[cmd_id]
             topic = self._topics.command(code, CommandName.START)
             self._starts[cmd.cmd_id] = self.publish(topic, encode(cmd), qos=1)
+
+    def publish_stop(self, code: str, cmd: StopCommand) -> None:
+        """Send a stop command to device `code` at QoS 1, never retained."""
+        self.publish(self._topics.command(code, CommandName.STOP), encode(cmd), qos=1)
 
     def publish_run_ack(self, code: str, ack: RunAck) -> None:
         """Tell device `code` that its run events up to `ack.seq` are stored (QoS 1)."""

@@ -201,6 +201,23 @@ class Heartbeat(Message):
     ts: AwareDatetime
 
 
+FaultCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+"""The appliance's own name for a fault, for example `heater_overtemp` or `E07`."""
+
+
+class FaultEvent(Message):
+    """Device -> server, retained: the appliance's fault `fault` is raised or cleared.
+
+    `active` true raises it: the device ends any run as `fault` and refuses starts.
+    `active` false clears it (repaired). Retained, so the last word survives a server
+    that was away; `ts` orders the reports, and an older one never overrides a newer one.
+    """
+
+    fault: FaultCode
+    active: bool
+    ts: AwareDatetime
+
+
 class RunAck(Message):
     """Server -> device: every event of run `run_id` up to `seq` is stored; drop them."""
 
@@ -277,6 +294,7 @@ __all__ = [
     "CommandAck",
     "DevicePresence",
     "EndReason",
+    "FaultEvent",
     "Heartbeat",
     "Message",
     "RejectReason",

@@ -1,8 +1,12 @@
-"""What devices tell the server: presence, command answers and run events.
+"""What devices tell the server: presence, command answers, run events and faults.
 
 Each message is applied in one transaction and is idempotent: a run event is kept
-once per (run, event, seq), presence never goes back to an older boot, and an order
-only moves forward.
+once per (run, event, seq), presence never goes back to an older boot, an order
+only moves forward, and a fault report older than the last one changes nothing.
+
+A faulted device has state `fault` until it reports the fault cleared; each change
+is kept in the audit log (`device_fault` / `device_fault_cleared`, no user) with the
+fault code and the device's time, which is where staff find what went wrong and when.
 """
 
 import logging
@@ -22,7 +26,9 @@ from roompay.protocol.messages import (
     CommandAck,
     DevicePresence,
     EndReason,
+    FaultEvent,
     Heartbeat,
+    RejectReason,
     RunEvent,
     RunEventKind,
     StateMessage,
@@ -34,9 +40,15 @@ from roompay.services.dispatch import fail_start
 from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
-from roompay.store.models import Command, Device, Order, RunEventRecord
+from roompay.store.models import AuditEntry, Command, Device, Order, RunEventRecord
 
 log = logging.getLogger(__name__)
+
+FAULT_RAISED = "device_fault"
+FAULT_CLEARED = "device_fault_cleared"
+# The fault code kept when a device shows a fault without naming it: a run it ended
+# as `fault`, or a start it refused as `fault`.
+UNNAMED_FAULT = "unreported"
 
 
 def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
@@ -52,6 +64,8 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
             _on_boot(ctx, topic.code, decode(BootEvent, payload))
         elif topic.kind == "evt" and topic.name == "hb":
             _on_heartbeat(ctx, topic.code, decode(Heartbeat, payload))
+        elif topic.kind == "evt" and topic.name == "fault":
+            _on_fault(ctx, topic.code, decode(FaultEvent, payload))
         else:
             log.info("ignored device message on %s/%s", topic.kind, topic.name)
     except ProtocolError as exc:
@@ -149,9 +163,19 @@ def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: Com
     rejected = ack.status is AckStatus.REJECTED or (
         ack.status is AckStatus.DUPLICATE and ack.run_id is None
     )
+    if command.kind == "stop":
+        # A stop that is refused (the run already ended) owes nothing: the run's own
+        # `ended` event settles the order either way.
+        command.status = "rejected" if rejected else "accepted"
+        event = "stop_rejected" if rejected else "stop_accepted"
+        record_event(session, command.order_id, now, event, cmd_id=command.id, reason=ack.reason)
+        return
     if rejected:
         command.status = "rejected"
         fail_start(ctx, session, command.order_id, f"device_rejected:{ack.reason}")
+        if ack.reason == RejectReason.FAULT:
+            device = session.get_one(Device, command.device_id)
+            _apply_fault(session, device, UNNAMED_FAULT, True, ack.ts, now, "start_rejected")
         return
     command.status = "accepted"
     order = session.get_one(Order, command.order_id)
@@ -181,6 +205,11 @@ def _apply_run_event(ctx: ServiceContext, code: str, event: RunEvent) -> bool:
             _started(ctx, session, device, order, event)
         elif event.event is RunEventKind.ENDED:
             _ended(ctx, session, device, order, event)
+            if event.reason is EndReason.FAULT and device.state != "fault":
+                # The device ends a run as `fault` only when it has marked itself faulted.
+                _apply_fault(
+                    session, device, UNNAMED_FAULT, True, event.ts, ctx.clock.now(), "run_ended"
+                )
         return True
 
 
@@ -216,7 +245,8 @@ def _started(
     now = ctx.clock.now()
     order.status = OrderStatus.RUNNING.value
     order.started_at = event.ts
-    device.state = "running"
+    if device.state != "fault":  # a fault reported meanwhile stands until cleared
+        device.state = "running"
     device.current_order_id = order.id
     record_event(session, order.id, now, "started", run_id=event.run_id)
     # A start reported after the server gave up on it (a device clock behind ours):
@@ -242,7 +272,8 @@ def _ended(
     order.actual_run_s = actual
     order.end_reason = (event.reason or EndReason.COMPLETED).value
     if device.current_order_id == order.id:
-        device.state = "idle"
+        if device.state != "fault":
+            device.state = "idle"
         device.current_order_id = None
     record_event(session, order.id, now, "ended", reason=order.end_reason, actual_run_s=actual)
     if event.reason is not EndReason.COMPLETED:
@@ -253,3 +284,63 @@ def _ended(
             request_refund(ctx, session, order, unused, reason, f"{order.id}-early")
             ctx.on_refunds_queued()
     settle_order_status(session, order.id)
+
+
+def _on_fault(ctx: ServiceContext, code: str, report: FaultEvent) -> None:
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        device = _device(session, code)
+        if device is not None:
+            device.last_seen_at = now
+            _apply_fault(session, device, report.fault, report.active, report.ts, now, "device")
+
+
+def _apply_fault(
+    session: Session,
+    device: Device,
+    fault: str,
+    active: bool,
+    reported_at: datetime,
+    now: datetime,
+    source: str,
+) -> None:
+    """Raise or clear a device's fault, unless a later report is already applied.
+
+    Raising sets the state `fault` (checkout then refuses the device); clearing sets it
+    back to `running` or `idle`. A report that changes nothing (a retained fault seen
+    again after a reconnect, a clear for a device that is not faulted) writes nothing.
+    """
+    last = session.scalars(
+        select(AuditEntry)
+        .where(
+            AuditEntry.target == device.code,
+            AuditEntry.action.in_((FAULT_RAISED, FAULT_CLEARED)),
+        )
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    ).first()
+    if last is not None and reported_at < datetime.fromisoformat(str(last.detail["reported_at"])):
+        log.info("fault report from %s older than the last one; ignored", device.code)
+        return
+    faulted = device.state == "fault"
+    if active:
+        known = last is not None and last.action == FAULT_RAISED and last.detail["fault"] == fault
+        if faulted and (fault == UNNAMED_FAULT or known):
+            return  # the fault already stands
+        device.state = "fault"
+        log.warning("device %s reports fault %s", device.code, fault)
+    else:
+        if not faulted:
+            return
+        device.state = "running" if device.current_order_id is not None else "idle"
+        log.info("device %s reports fault %s cleared", device.code, fault)
+    session.add(
+        AuditEntry(
+            at=now,
+            user_id=None,
+            hotel_id=device.hotel_id,
+            action=FAULT_RAISED if active else FAULT_CLEARED,
+            target=device.code,
+            detail={"fault": fault, "reported_at": reported_at.isoformat(), "source": source},
+        )
+    )

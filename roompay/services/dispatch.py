@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roompay.logs import order_context
-from roompay.protocol.messages import RunAck, StartCommand
+from roompay.protocol.messages import RunAck, StartCommand, StopCommand
 from roompay.services.context import ServiceContext
 from roompay.services.refunds import paid_total, request_refund
 from roompay.services.timeline import record_event
@@ -36,6 +36,10 @@ class CommandPublisher(Protocol):
 
     def publish_start(self, code: str, command: StartCommand) -> None:
         """Send a start command to the device with this code."""
+        ...
+
+    def publish_stop(self, code: str, command: StopCommand) -> None:
+        """Send a stop command to the device with this code."""
         ...
 
     def publish_run_ack(self, code: str, ack: RunAck) -> None:
@@ -67,12 +71,18 @@ def _handle(
     now = ctx.clock.now()
     if now >= command.deadline_at:
         command.status = "expired"
+        if command.kind == "stop":  # the run goes on; its own end settles the order
+            record_event(session, command.order_id, now, "stop_failed", cmd_id=command.id)
+            return
         fail_start(ctx, session, command.order_id, "start_deadline_passed")
         return
     command.next_attempt_at = now + timedelta(seconds=ctx.settings.command_resend_s)
     if not publisher.connected:
         return
-    publisher.publish_start(code, StartCommand.model_validate(command.payload))
+    if command.kind == "stop":
+        publisher.publish_stop(code, StopCommand.model_validate(command.payload))
+    else:
+        publisher.publish_start(code, StartCommand.model_validate(command.payload))
     command.status = "sent"
     command.attempts += 1
     command.sent_at = command.sent_at or now

@@ -10,7 +10,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
 
 from roompay.domain.catalog import Wallet
-from roompay.services import catalog, orders, staff
+from roompay.services import catalog, device_control, orders, staff
 from roompay.services.auth import authenticate, issue_token
 from roompay.services.checkout import CheckoutRequest, checkout
 from roompay.web.deps import Ctx, CurrentUser
@@ -107,6 +107,25 @@ class RefundOut(BaseModel):
     note: str | None
 
 
+class StopIn(BaseModel):
+    """A staff stop: why the run must end now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class StopOut(BaseModel):
+    """The stop command queued for the device, and where it stands."""
+
+    command_id: str
+    device: str
+    order_id: str
+    run_id: str
+    status: str
+    created_at: datetime
+
+
 @router.post("/auth/token", tags=["auth"])
 def token(ctx: Ctx, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> TokenOut:
     """Exchange a username and password for a bearer token."""
@@ -129,6 +148,17 @@ def list_devices(ctx: Ctx, user: CurrentUser) -> list[DeviceOut]:
         )
         for v in views
     ]
+
+
+@router.post("/devices/{code}/stop", status_code=202, tags=["staff"])
+def stop_device(ctx: Ctx, user: CurrentUser, code: str, body: StopIn) -> StopOut:
+    """End the run on this appliance now, with a reason; recorded in the audit log.
+
+    The device gets a signed stop command; its `ended` event then settles the order
+    and the pro-rated refund of the unused time.
+    """
+    view = device_control.stop_run(ctx, user, code, body.reason)
+    return StopOut(**{k: getattr(view, k) for k in StopOut.model_fields})
 
 
 @router.get("/devices/{code}/programs", tags=["guest"])

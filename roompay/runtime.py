@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select
 from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
 from roompay.domain.catalog import Wallet
 from roompay.iot.broker import EmbeddedBroker
-from roompay.iot.link import MqttLink
+from roompay.iot.link import HANDLER_THREADS, MqttLink
 from roompay.payments.base import PaymentProvider
 from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
@@ -86,8 +86,14 @@ class Runtime:
     def start(self) -> None:
         """Connect to the broker and start dispatching commands."""
         endpoint = self.mqtt_endpoint()
+        # SQLite takes one writer at a time: more handler threads would only queue on its lock.
+        sqlite = self.settings.resolved_database_url.startswith("sqlite")
         self.link = MqttLink(
-            endpoint, self.topics, f"roompay-server-{self.ids.token(4)}", self._on_message
+            endpoint,
+            self.topics,
+            f"roompay-server-{self.ids.token(4)}",
+            self._on_message,
+            handler_threads=1 if sqlite else HANDLER_THREADS,
         )
         self.link.start(timeout_s=10)
         self._start_workers(self.link)

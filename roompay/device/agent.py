@@ -75,6 +75,11 @@ log = logging.getLogger(__name__)
 ANSWER_RETENTION = timedelta(days=7)
 """How long after a command expired its answer is kept; past that, expiry and `seq` guard."""
 
+RESEND_BACKOFF_LIMIT = 4
+"""The outbox re-send interval doubles, up to this many times `resend_every_s`, while no
+`run_ack` comes back: a server behind on its backlog must not get every event again every
+interval from every device (the fleet simulator's retry storm). A `run_ack` resets it."""
+
 Settle = Callable[[], None]
 """Sends the PUBACK of the message being handled; called once its effect is journaled."""
 
@@ -154,6 +159,7 @@ class DeviceAgent:
         self._checkpoint_every_s = checkpoint_every_s
         self._resume_window_s = resume_window_s
         self._resend_every_s = resend_every_s
+        self._run_acked = threading.Event()
         self._clock = clock or SystemClock()
         self._heartbeat_s = heartbeat_s
         self._fw = fw
@@ -561,6 +567,7 @@ class DeviceAgent:
             if not self._powered:
                 return
             dropped = self._journal.acknowledge(run_ack.run_id, run_ack.seq)
+        self._run_acked.set()
         settle()
         log.info(
             "device %s: server has run %s up to %d (%d dropped from the outbox)",
@@ -774,15 +781,25 @@ class DeviceAgent:
         if self._mqtt.is_connected():
             self._publish(EventName.RUN, event, qos=1)
 
-    def _publish_outbox(self) -> None:
-        for event in self._journal.outbox():
+    def _publish_outbox(self) -> int:
+        events = self._journal.outbox()
+        for event in events:
             self._publish(EventName.RUN, event, qos=1)
+        return len(events)
 
     def _resend(self) -> None:
-        while not self._closing.wait(self._resend_every_s):
+        interval = self._resend_every_s
+        while not self._closing.wait(interval):
+            sent = 0
             with self._lock:
                 if self._powered and self._mqtt.is_connected():
-                    self._publish_outbox()
+                    sent = self._publish_outbox()
+            if self._run_acked.is_set() or not sent:
+                self._run_acked.clear()
+                interval = self._resend_every_s
+            else:
+                limit = self._resend_every_s * RESEND_BACKOFF_LIMIT
+                interval = min(interval * 2, limit)
 
     # --- presence and heartbeats -----------------------------------------
 

@@ -9,6 +9,10 @@ into the thousands, and starts missed their deadline. The device messages now wa
 for handler threads, and each copy of a message still waiting is handled once.
 """
 
+# The shared fixtures are imported by name and requested as parameters, which
+# pyflakes reads as redefinitions.
+# ruff: noqa: F811
+
 import secrets
 import threading
 import time

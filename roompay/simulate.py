@@ -58,25 +58,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roompay.clock import OffsetClock
 from roompay.demo import sandbox_merchant_settings
-from roompay.device.agent import DeviceAgent
-from roompay.device.journal import Answer, JournaledRun, SqliteJournal
-from roompay.device.relay import SimulatedRelay
 from roompay.domain.catalog import ApplianceKind, Program, Wallet, default_programs
 from roompay.domain.ledger import beijing_day
 from roompay.iot.broker import EmbeddedBroker
 from roompay.payments.base import RefundState
 from roompay.payments.errors import PaymentError
 from roompay.payments.factory import build_providers
-from roompay.protocol.messages import RunEvent
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
-from roompay.protocol.signing import device_key
-from roompay.protocol.topics import Topics
 from roompay.runtime import Runtime
 from roompay.sandbox.app import Sandbox
 from roompay.services.ledger import account_balances, unbalanced_entries
 from roompay.services.reconciliation import reconcile_day
-from roompay.services.seed import KIND_PREFIX, create_hotel, ensure_operator, place_devices
+from roompay.services.seed import create_hotel, ensure_operator, place_devices
 from roompay.settings import Settings
+from roompay.simulate_fleet import DEVICES_PER_WORKER, Fleet, FleetOutcome, RunStart
 from roompay.store.db import make_engine, session_factory, transaction, upgrade
 from roompay.store.models import LedgerEntry, Order, Refund, RunEventRecord
 
@@ -103,11 +98,12 @@ REBOOT_SHARE = 0.05
 MQTT_DROP_SHARE = 0.01
 MQTT_DELAY_SHARE = 0.05
 ORDER_WAIT_S = 60.0
-# paho waits on its socket with select(), which fails for descriptors past 1023; each
-# appliance holds six or seven here (its socket, the proxy's two, the embedded broker's,
-# three for its journal), so one simulator process carries this many.
-MAX_DEVICES = 80
+# The fleet runs in worker processes of at most DEVICES_PER_WORKER appliances each
+# (paho's select() fails past descriptor 1023); the simulator itself carries no paho client.
+MAX_DEVICES = 2000
+MAX_SERVERS = 4
 SETTLE_WAIT_S = 60.0
+BROKER_STOP_S = 60.0
 
 
 class FaultKind(StrEnum):
@@ -142,16 +138,6 @@ class Violation:
     invariant: Invariant
     key: str
     detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunStart:
-    """An appliance accepted a start and switched on: one run, as its journal recorded it."""
-
-    device: str
-    order_id: str
-    run_id: str
-    cmd_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,153 +572,23 @@ class _MqttProxy:
             writer.close()
 
 
-# --- the appliances ------------------------------------------------------------------
-
-
-class _RecordingJournal(SqliteJournal):
-    """The device's journal, also telling the simulation of every run it starts."""
-
-    def __init__(self, path: Path, code: str, starts: list[RunStart], lock: threading.Lock):
-        super().__init__(path)
-        self._code = code
-        self._starts = starts
-        self._starts_lock = lock
-
-    def accept_start(self, answer: Answer, run: JournaledRun, started: RunEvent) -> None:
-        super().accept_start(answer, run, started)
-        with self._starts_lock:
-            self._starts.append(RunStart(self._code, run.order_id, run.run_id, run.cmd_id))
-
-
-class _ArmedRelay(SimulatedRelay):
-    """A relay that can cut the power right after it next switches on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_switch_on: Callable[[], None] | None = None
-
-    def on(self) -> None:
-        super().on()
-        callback, self.on_switch_on = self.on_switch_on, None
-        if callback is not None:
-            # The agent holds its lock while switching: the power cut comes from outside.
-            threading.Thread(target=callback, name="power-cut", daemon=True).start()
-
-
-@dataclass
-class _Appliance:
-    code: str
-    kind: ApplianceKind
-    relay: _ArmedRelay
-    journal_path: Path
-    agent: DeviceAgent | None = None
-    gone: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _Fleet:
-    """The simulated appliances, their journals and the runs they started."""
-
-    def __init__(
-        self,
-        codes: list[str],
-        endpoint: MqttEndpoint,
-        topics: Topics,
-        journal_dir: Path,
-        time_scale: float,
-        stopping: threading.Event,
-    ) -> None:
-        self._endpoint = endpoint
-        self._topics = topics
-        self._time_scale = time_scale
-        self._stopping = stopping
-        self.starts: list[RunStart] = []
-        self._starts_lock = threading.Lock()
-        journal_dir.mkdir(parents=True, exist_ok=True)
-        self.appliances = {
-            code: _Appliance(code, _kind_of(code), _ArmedRelay(), journal_dir / f"{code}.journal")
-            for code in codes
-        }
-
-    def boot(self, code: str) -> None:
-        """Start a new agent on the device's journal, retrying while the broker is away."""
-        appliance = self.appliances[code]
-        while not self._stopping.is_set():
-            agent = DeviceAgent(
-                code,
-                self._endpoint,
-                self._topics,
-                appliance.relay,
-                device_key=device_key(SECRET_KEY.encode(), code, "k1"),
-                key_id="k1",
-                journal=_RecordingJournal(
-                    appliance.journal_path, code, self.starts, self._starts_lock
-                ),
-                time_scale=self._time_scale,
-                progress_every_s=3600.0,
-                checkpoint_every_s=1800.0,
-                resume_window_s=600.0,
-                resend_every_s=1.0,
-                heartbeat_s=30.0,
-            )
-            try:
-                agent.start(timeout_s=30)
-            except Exception:  # the broker may be restarting; try again
-                time.sleep(0.2)
-                continue
-            with appliance.lock:
-                appliance.agent = agent
-            return
-
-    def stop(self, code: str) -> None:
-        """Switch the appliance off cleanly (it says goodbye)."""
-        appliance = self.appliances[code]
-        with appliance.lock:
-            agent, appliance.agent = appliance.agent, None
-        if agent is not None:
-            agent.stop()
-
-    def power_cut(self, code: str, down_s: float) -> None:
-        """Cut the power, stay down for `down_s`, boot again on the same journal."""
-        appliance = self.appliances[code]
-        with appliance.lock:
-            agent, appliance.agent = appliance.agent, None
-        if agent is None:
-            return
-        with contextlib.suppress(Exception):  # a racing stop already took it down
-            agent.simulate_power_loss()
-        time.sleep(down_s)
-        self.boot(code)
-
-    def stop_all(self) -> None:
-        for code in self.appliances:
-            with contextlib.suppress(Exception):  # report, never hang, at the end
-                self.stop(code)
-
-
-def _kind_of(code: str) -> ApplianceKind:
-    for kind, prefix in KIND_PREFIX.items():
-        if f"{prefix}-" in code:
-            return kind
-    raise ValueError(f"no appliance kind in device code {code}")
-
-
 # --- the server process -----------------------------------------------------------
 
 
 class _ServerProcess:
     """`python -m roompay serve` on a loopback port, with our environment."""
 
-    def __init__(self, env: dict[str, str], port: int, log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log_dir: Path, name: str = "server") -> None:
         self._env = env
         self._port = port
         self._log_dir = log_dir
+        self._name = name
         self._process: subprocess.Popen[bytes] | None = None
         self._starts = 0
 
     def start(self, timeout_s: float = 60.0) -> None:
         self._starts += 1
-        log_path = self._log_dir / f"server-{self._starts}.log"
+        log_path = self._log_dir / f"{self._name}-{self._starts}.log"
         with log_path.open("wb") as log_file:
             self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [
@@ -853,9 +709,8 @@ class _UnavailableError(Exception):
 class _Run:
     """Shared state of one simulation run."""
 
-    base_url: str
     sandbox_url: str
-    fleet: _Fleet
+    fleet: Fleet
     programs: dict[ApplianceKind, list[Program]]
     queue: deque[tuple[OrderPlan, int]]
     stopping: threading.Event
@@ -868,6 +723,7 @@ class _Run:
     unplaced: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     threads: list[threading.Thread] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def fault(self, kind: FaultKind) -> None:
         with self.lock:
@@ -880,24 +736,42 @@ class _Run:
         thread.start()
 
 
-def _retrying(run: _Run, call: Callable[[], httpx.Response], give_up_s: float) -> httpx.Response:
-    """Call until the server answers below 500 (it may be down or restarting)."""
+class _Servers:
+    """A guest's way to the servers: one of them, and the next one when it does not answer."""
+
+    def __init__(self, clients: list[httpx.Client], first: int) -> None:
+        self._clients = clients
+        self._current = first % len(clients)
+
+    @property
+    def client(self) -> httpx.Client:
+        return self._clients[self._current]
+
+    def next(self) -> None:
+        self._current = (self._current + 1) % len(self._clients)
+
+
+def _retrying(
+    run: _Run, http: _Servers, call: Callable[[httpx.Client], httpx.Response], give_up_s: float
+) -> httpx.Response:
+    """Call until a server answers below 500 (one may be down or restarting)."""
     deadline = min(time.monotonic() + give_up_s, run.deadline)
     pause = 0.05
     while True:
         try:
-            response = call()
+            response = call(http.client)
             if response.status_code < 500:
                 return response
         except httpx.TransportError:
             pass
+        http.next()
         if time.monotonic() > deadline or run.stopping.is_set():
             raise _UnavailableError
         time.sleep(pause)
         pause = min(pause * 1.5, 1.0)
 
 
-def _guest_loop(run: _Run, code: str, http: httpx.Client) -> None:
+def _guest_loop(run: _Run, code: str, http: _Servers) -> None:
     """One appliance's guests, one after another, while orders are left."""
     appliance = run.fleet.appliances[code]
     while not run.stopping.is_set() and not appliance.gone:
@@ -931,7 +805,7 @@ def _guest_loop(run: _Run, code: str, http: httpx.Client) -> None:
 
 
 def _checkout(
-    run: _Run, http: httpx.Client, code: str, plan: OrderPlan, attempt: int
+    run: _Run, http: _Servers, code: str, plan: OrderPlan, attempt: int
 ) -> dict[str, Any] | None:
     """Check out, waiting while the appliance is busy or away; None if it never frees up."""
     appliance = run.fleet.appliances[code]
@@ -943,7 +817,7 @@ def _checkout(
     stalled = 0.0
     while time.monotonic() < give_up and not appliance.gone:
         response = _retrying(
-            run, lambda: http.post("/api/v1/checkout", json=body, headers=headers), 30
+            run, http, lambda c: c.post("/api/v1/checkout", json=body, headers=headers), 30
         )
         if response.status_code == 201:
             order: dict[str, Any] = response.json()
@@ -960,7 +834,7 @@ def _checkout(
 
 
 def _one_guest(
-    run: _Run, http: httpx.Client, code: str, plan: OrderPlan, order: dict[str, Any]
+    run: _Run, http: _Servers, code: str, plan: OrderPlan, order: dict[str, Any]
 ) -> None:
     order_id = order["order_id"]
     if plan.abandon:
@@ -979,13 +853,8 @@ def _one_guest(
 
             run.background(come_back, f"back-{code}")
     if plan.reboot:
-        appliance = run.fleet.appliances[code]
-
-        def cut() -> None:
-            run.fault(FaultKind.DEVICE_REBOOT)
-            run.fleet.power_cut(code, plan.reboot_down_s)
-
-        appliance.relay.on_switch_on = cut
+        # The fleet counts the power cuts it makes: the relay may never switch on.
+        run.fleet.arm_power_cut(code, plan.reboot_down_s)
     headers = {DUPLICATE_HEADER: "1"} if plan.duplicate_notify else {}
     paid = httpx.post(
         f"{run.sandbox_url}/sandbox/pay", json={"qr": order["qr"]}, headers=headers, timeout=30
@@ -993,18 +862,21 @@ def _one_guest(
     if paid.status_code == 200 and plan.duplicate_notify:
         run.fault(FaultKind.DUPLICATE_NOTIFY)
     _wait_terminal(run, http, order_id)
-    run.fleet.appliances[code].relay.on_switch_on = None
+    if plan.reboot:
+        run.fleet.disarm(code)
 
 
-def _wait_terminal(run: _Run, http: httpx.Client, order_id: str) -> None:
+def _wait_terminal(run: _Run, http: _Servers, order_id: str) -> None:
     deadline = time.monotonic() + ORDER_WAIT_S
-    pause = 0.1
+    # A guest's panel looks about once a second; 200 guests polling faster than that
+    # load the server's HTTP side, not its device side, which is what is under test.
+    pause = 0.25
     while time.monotonic() < deadline and not run.stopping.is_set():
-        response = _retrying(run, lambda: http.get(f"/api/v1/orders/{order_id}"), ORDER_WAIT_S)
+        response = _retrying(run, http, lambda c: c.get(f"/api/v1/orders/{order_id}"), ORDER_WAIT_S)
         if response.status_code == 200 and response.json()["status"] in TERMINAL:
             return
         time.sleep(pause)
-        pause = min(pause * 1.3, 0.6)
+        pause = min(pause * 1.5, 1.0)
 
 
 # --- the whole run ------------------------------------------------------------------
@@ -1025,6 +897,8 @@ class SimulationOptions:
     topic_root: str | None = None
     orders_per_s: float = 8.0
     max_duration_s: float = 900.0
+    servers: int = 1
+    devices_per_worker: int = DEVICES_PER_WORKER
 
 
 def run_simulation(
@@ -1037,6 +911,7 @@ def run_simulation(
     time_scale: float,
     data_dir: Path | None = None,
     orders_per_s: float = 8.0,
+    servers: int = 1,
 ) -> SimulationReport:
     """Run a fleet simulation end to end and check the whole history."""
     return simulate(
@@ -1050,6 +925,7 @@ def run_simulation(
             time_scale,
             data_dir,
             orders_per_s=orders_per_s,
+            servers=servers,
         )
     )
 
@@ -1058,11 +934,8 @@ def simulate(options: SimulationOptions) -> SimulationReport:
     """Run a fleet simulation end to end and check the whole history."""
     if options.devices < 1 or options.orders < 0 or options.time_scale <= 0:
         raise ValueError("devices must be positive, orders not negative, time_scale positive")
-    if options.devices > MAX_DEVICES:
-        raise ValueError(
-            f"at most {MAX_DEVICES} devices per simulator process: paho's select() cannot"
-            " watch file descriptors past 1023"
-        )
+    if options.devices > MAX_DEVICES or not 1 <= options.servers <= MAX_SERVERS:
+        raise ValueError(f"at most {MAX_DEVICES} devices and 1 to {MAX_SERVERS} servers")
     if options.data_dir is None:
         import tempfile  # noqa: PLC0415 - only when no directory is given
 
@@ -1115,35 +988,31 @@ def _simulate(options: SimulationOptions, data_dir: Path) -> SimulationReport:
         prefix = f"S{uuid.uuid4().hex[:4].upper()}-"
         hotel_id, codes = _seed(database_url, options.devices, prefix)
 
-        port = _free_port()
-        env = _server_env(data_dir, database_url, server_mqtt, topic_root, port, merchant)
-        server = _ServerProcess(env, port, data_dir)
-        stops.append(server.stop)
+        ports = [_free_port() for _ in range(options.servers)]
+        env = _server_env(data_dir, database_url, server_mqtt, topic_root, merchant)
+        servers = _start_servers(env, ports, data_dir, stops)
         stops.append(stopping.set)
-        server.start()
 
-        fleet = _Fleet(
+        fleet = Fleet(
             codes,
             device_endpoint,
-            Topics(topic_root),
+            topic_root,
             data_dir / "devices",
             options.time_scale,
-            stopping,
+            SECRET_KEY,
+            per_worker=options.devices_per_worker,
         )
-        stops.append(fleet.stop_all)
-        _boot_all(fleet, codes, proxy)
+        stops.append(fleet.close)
+        fleet.start()
+        if proxy is not None:
+            # Off while the fleet boots: a dropped boot message costs an agent its start timeout.
+            proxy.faulty = True
 
         plans = plan_orders(options.orders, options.devices, options.faults, options.seed)
-        programs: dict[ApplianceKind, list[Program]] = defaultdict(list)
-        for program in default_programs():
-            programs[program.kind].append(program)
-        for kind_programs in programs.values():
-            kind_programs.sort(key=lambda p: p.duration_s)
         run = _Run(
-            base_url=f"http://127.0.0.1:{port}",
             sandbox_url=sandbox.base_url,
             fleet=fleet,
-            programs=programs,
+            programs=_programs_by_kind(),
             queue=deque((plan, 0) for plan in plans),
             stopping=stopping,
             deadline=time.monotonic() + options.max_duration_s,
@@ -1154,29 +1023,47 @@ def _simulate(options: SimulationOptions, data_dir: Path) -> SimulationReport:
             restart_broker = _broker_restarter(brokers, proxy)
             chaos = threading.Thread(
                 target=_chaos,
-                args=(run, options.orders, server, restart_broker, chaos_done),
+                args=(run, options.orders, servers[0], restart_broker, chaos_done),
                 name="chaos",
                 daemon=True,
             )
             chaos.start()
         else:
             chaos_done.set()
-        _run_guests(run, codes)
+        _run_guests(run, codes, [f"http://127.0.0.1:{port}" for port in ports])
         chaos_done.wait(120)
         if proxy is not None:
             run.faults[FaultKind.MQTT_DROP.value] = proxy.dropped
             run.faults[FaultKind.MQTT_DELAY.value] = proxy.delayed
-        settled = _wait_settled(database_url, hotel_id, SETTLE_WAIT_S)
-        if not settled:
-            notes.append(f"not every order settled within {SETTLE_WAIT_S:.0f} s after the guests")
-        stopping.set()
-        for thread in list(run.threads):
-            thread.join(10)
-        fleet.stop_all()
-        server.stop()
-
-        history = _collect(database_url, hotel_id, fleet.starts, merchant, clock, notes)
+        outcome = _wind_down(run, database_url, hotel_id, servers, notes)
+        if options.faults:
+            run.faults[FaultKind.DEVICE_REBOOT.value] = outcome.power_cuts
+        history = _collect(database_url, hotel_id, list(outcome.starts), merchant, clock, notes)
         return _report(options, database_url, run, history, notes, time.monotonic() - started)
+
+
+def _wind_down(
+    run: _Run,
+    database_url: str,
+    hotel_id: int,
+    servers: list[_ServerProcess],
+    notes: list[str],
+) -> FleetOutcome:
+    """Let the orders settle, then stop the appliances and the servers; what did the fleet do."""
+    if not _wait_settled(database_url, hotel_id, SETTLE_WAIT_S):
+        notes.append(f"not every order settled within {SETTLE_WAIT_S:.0f} s after the guests")
+    run.stopping.set()
+    run.fleet.halt()
+    for thread in list(run.threads):
+        thread.join(10)
+    outcome = run.fleet.finish()
+    for server in servers:
+        server.stop()
+    notes.append(
+        f"{len(run.fleet.appliances)} appliances in {run.fleet.workers} worker process(es),"
+        f" {len(servers)} server process(es)"
+    )
+    return outcome
 
 
 def _report(
@@ -1195,6 +1082,7 @@ def _report(
             " between writing the order and storing its QR; the unpaid sweep skips orders"
             " without a QR and a retry with the same Idempotency-Key does not finish them"
         )
+    notes.extend(run.notes)
     if run.unplaced:
         outcomes["not placed (appliance never free)"] = run.unplaced
     kinds = list(FaultKind) if options.faults else []
@@ -1243,12 +1131,39 @@ def _mqtt_setup(
     return brokers, proxy, device_endpoint, server_mqtt
 
 
+def _programs_by_kind() -> dict[ApplianceKind, list[Program]]:
+    """Each kind's programs, shortest first."""
+    programs: dict[ApplianceKind, list[Program]] = defaultdict(list)
+    for program in default_programs():
+        programs[program.kind].append(program)
+    for kind_programs in programs.values():
+        kind_programs.sort(key=lambda p: p.duration_s)
+    return programs
+
+
+def _start_servers(
+    env: dict[str, str], ports: list[int], data_dir: Path, stops: list[Callable[[], None]]
+) -> list[_ServerProcess]:
+    """Start one server process per port, all on the same database and broker."""
+    servers = []
+    for index, port in enumerate(ports):
+        # Each server names the next one as its public address: with several servers,
+        # a payment's notifications reach another process than the one that took its checkout.
+        public = {"ROOMPAY_PUBLIC_BASE_URL": f"http://127.0.0.1:{ports[(index + 1) % len(ports)]}"}
+        name = f"server{index + 1}" if index else "server"
+        server = _ServerProcess(env | public, port, data_dir, name)
+        stops.append(server.stop)
+        servers.append(server)
+    for server in servers:
+        server.start()
+    return servers
+
+
 def _server_env(
     data_dir: Path,
     database_url: str,
     mqtt_url: str,
     topic_root: str,
-    port: int,
     merchant: dict[str, Any],
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMPAY_")}
@@ -1257,7 +1172,6 @@ def _server_env(
         "ROOMPAY_DATABASE_URL": database_url,
         "ROOMPAY_MQTT_URL": mqtt_url,
         "ROOMPAY_MQTT_TOPIC_ROOT": topic_root,
-        "ROOMPAY_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "ROOMPAY_SECRET_KEY": SECRET_KEY,
         # The provider sandbox is served by this process, not the server: a killed
         # server must not take the provider's memory of trades and refunds with it.
@@ -1286,29 +1200,21 @@ def _seed(database_url: str, devices: int, prefix: str) -> tuple[int, list[str]]
         engine.dispose()
 
 
-def _boot_all(fleet: _Fleet, codes: list[str], proxy: "_MqttProxy | None") -> None:
-    """Boot the fleet in waves: a broker flooded with connections times them all out."""
-    for wave in range(0, len(codes), 10):
-        threads = [
-            threading.Thread(target=fleet.boot, args=(code,), name=f"boot-{code}", daemon=True)
-            for code in codes[wave : wave + 10]
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    if proxy is not None:
-        proxy.faulty = True
-
-
-def _run_guests(run: _Run, codes: list[str]) -> None:
+def _run_guests(run: _Run, codes: list[str], base_urls: list[str]) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    with httpx.Client(base_url=run.base_url, timeout=30, limits=limits) as http:
-        # The server learns that an appliance is online from its broker messages.
-        _retrying(run, lambda: http.get("/readyz"), 30)
+    with contextlib.ExitStack() as clients:
+        http = [
+            clients.enter_context(httpx.Client(base_url=url, timeout=30, limits=limits))
+            for url in base_urls
+        ]
+        for index in range(len(http)):
+            _retrying(run, _Servers(http, index), lambda c: c.get("/readyz"), 30)
+        # Guests spread over the servers, and move to another when theirs does not answer.
         guests = [
-            threading.Thread(target=_guest_loop, args=(run, code, http), name=f"guest-{code}")
-            for code in codes
+            threading.Thread(
+                target=_guest_loop, args=(run, code, _Servers(http, index)), name=f"guest-{code}"
+            )
+            for index, code in enumerate(codes)
         ]
         for guest in guests:
             guest.start()
@@ -1320,7 +1226,9 @@ def _broker_restarter(brokers: list[EmbeddedBroker], proxy: _MqttProxy | None) -
     def restart() -> str:
         if brokers:
             port = brokers[0].port
-            brokers[0].stop()
+            # amqtt closes its sessions one by one: with a large fleet that takes a while,
+            # and a broker given up on would hold the port and leave the fleet cut off.
+            brokers[0].stop(timeout_s=BROKER_STOP_S)
             time.sleep(1.0)
             brokers[0] = EmbeddedBroker(port=port)
             brokers[0].start()
@@ -1356,7 +1264,12 @@ def _chaos(
                 time.sleep(0.05)
             if run.stopping.is_set():
                 return
-            step()
+            try:
+                step()
+            except Exception as exc:  # a failed fault must show in the report, not hide
+                log.exception("chaos step failed")
+                with run.lock:
+                    run.notes.append(f"a fault could not be injected: {exc}")
     finally:
         done.set()
 
@@ -1574,13 +1487,31 @@ def register(app: typer.Typer) -> None:
         rate: Annotated[
             float, typer.Option(min=0.1, help="Guests arriving per second, across the fleet.")
         ] = 8.0,
+        servers: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                max=MAX_SERVERS,
+                help="Server processes on the same database and broker, all dispatching;"
+                " with --faults the first is killed and restarted mid-run.",
+            ),
+        ] = 1,
     ) -> None:
         """Run a fleet of simulated appliances and guests against a real server; check it all."""
         from roompay.logs import configure_logging  # noqa: PLC0415
 
         configure_logging("WARNING")
         report = run_simulation(
-            devices, orders, faults, database_url, mqtt_url, seed, time_scale, data_dir, rate
+            devices,
+            orders,
+            faults,
+            database_url,
+            mqtt_url,
+            seed,
+            time_scale,
+            data_dir,
+            rate,
+            servers,
         )
         for line in summary_lines(report):
             typer.echo(line)

@@ -42,6 +42,8 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     # Staff API
     ("POST", "/api/v1/auth/token"): (401, 200, 200, 200, 200),
     ("GET", "/api/v1/devices"): (401, 200, 200, 200, 200),
+    # Every staff role may stop a run in its hotel; device A is idle, so there is none
+    ("POST", "/api/v1/devices/{code}/stop"): (401, 409, 409, 409, 409),
     # The order is awaiting payment: staff may refund, but not yet
     ("POST", "/api/v1/orders/{order_id}/refunds"): (401, 409, 409, 409, 403),
     ("GET", "/api/v1/orders/{order_id}/refunds"): (401, 200, 200, 200, 200),
@@ -108,6 +110,8 @@ HOTEL_LEVEL: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("POST", "/api/v1/devices/{code}/comps"): (409, 404, 404, 403),
     # Hotel B has no statement: the operator is told so, A's manager that B does not exist
     ("GET", "/dashboard/statements/{hotel}/{period}"): (404, 404, 403, 403),
+    # B's appliance is idle: the admin is told so, A's staff that it does not exist
+    ("POST", "/api/v1/devices/{code}/stop"): (409, 404, 404, 404),
 }
 
 # Valid bodies, so that each answer is about who asks, not about what they sent.
@@ -115,6 +119,7 @@ JSON_BODIES: dict[str, object] = {
     "/api/v1/hotels/{hotel}/webhook": {"url": "http://127.0.0.1:9/hook"},
     "/api/v1/hotels/{hotel}/programs/{program}": {"amount_fen": 800},
     "/api/v1/devices/{code}/comps": {"program": "dry30", "reason": "authorization walk"},
+    "/api/v1/devices/{code}/stop": {"reason": "authorization walk"},
 }
 
 # Complete forms whose only fault is a forged token.

@@ -87,9 +87,15 @@ def post(
     order_id: str | None,
     wallet: str | None,
     booked_on: date | None = None,
+    first_time: bool = False,
 ) -> LedgerEntry:
-    """Write a balanced entry once; a repeated (kind, source key) returns the entry there."""
-    existing = find_entry(session, posting.kind, posting.source_key)
+    """Write a balanced entry once; a repeated (kind, source key) returns the entry there.
+
+    `first_time` is for callers whose cause happens once by construction (a payment:
+    the order moved to paid under its row lock): the lookup is skipped, and the unique
+    (kind, source key) would still refuse a second entry.
+    """
+    existing = None if first_time else find_entry(session, posting.kind, posting.source_key)
     if existing is not None:
         return existing
     entry = LedgerEntry(
@@ -127,7 +133,11 @@ def find_entry(session: Session, kind: EntryKind, source_key: str) -> LedgerEntr
 
 
 def post_payment(session: Session, order: Order, now: datetime, *, suspense: bool) -> LedgerEntry:
-    """Book a paid order; `suspense` for money that must go back (flagged or late)."""
+    """Book a paid order; `suspense` for money that must go back (flagged or late).
+
+    The caller has just moved the order to paid under its row lock, which happens
+    once per order: the entry cannot exist yet.
+    """
     paid_fen = order.paid_amount_fen if order.paid_amount_fen is not None else order.amount_fen
     paid_at = order.paid_at or now
     day = rules.beijing_day(paid_at)
@@ -147,6 +157,7 @@ def post_payment(session: Session, order: Order, now: datetime, *, suspense: boo
         hotel_id=order.hotel_id,
         order_id=order.id,
         wallet=order.wallet,
+        first_time=True,
     )
 
 

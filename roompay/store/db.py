@@ -11,18 +11,29 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+POOL_RECYCLE_S = 1800
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
+def make_engine(url: str, pool_size: int = 20) -> Engine:
     """Create an engine tuned for its backend.
 
     SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` for every transaction: a
     deferred transaction that later writes can fail at once with "database is locked"
     when another thread writes first, while an immediate one waits its turn.
+
+    PostgreSQL gets a pool as large as the server's busy threads (the web thread
+    pool, the device-message threads, the workers), so connections are reused rather
+    than opened and closed under load, and no ping before each checkout: that was one
+    more round trip in every transaction. A connection that died meanwhile fails its
+    transaction once, SQLAlchemy then replaces the whole pool, and what failed is
+    retried by its sender (providers re-send notifies, devices and the dispatcher
+    re-send messages); connections are also renewed every `POOL_RECYCLE_S`.
     """
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size // 2, pool_recycle=POOL_RECYCLE_S
+    )
 
 
 def _sqlite_engine(url: str) -> Engine:

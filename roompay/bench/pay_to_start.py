@@ -7,6 +7,7 @@ then to roompay, so both do the same work on the same orders.
 """
 
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
 @dataclass

@@ -88,6 +88,20 @@ def tables(results: dict[str, Any]) -> list[Table]:
             f"{row['ratio_per_second']:.2f}",
             f"{ours['errors']}/{base['errors']}",
         )
+    stages = Table(title="where roompay's pay -> start goes: medians between recorded steps, ms")
+    names = [name for row in results["pay_to_start"] for name in row["roompay"]["stages_ms"]]
+    columns = list(dict.fromkeys(names))
+    stages.add_column("c", justify="right")
+    stages.add_column("notify answered", justify="right")
+    for name in columns:
+        stages.add_column(name.replace("command_", "cmd "), justify="right")
+    for row in results["pay_to_start"]:
+        ours = row["roompay"]
+        stages.add_row(
+            str(row["concurrency"]),
+            f"{ours['notify_p50_ms']:.1f}",
+            *(f"{ours['stages_ms'].get(name, 0.0):.1f}" for name in columns),
+        )
     other = Table(title="checkout, fleet, feed")
     for column in ("measure", "figures"):
         other.add_column(column)
@@ -122,7 +136,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
         goals.add_column(column)
     for check in results["targets"]:
         goals.add_row(check["target"], str(check["value"]), "yes" if check["met"] else "NO")
-    return [main, other, goals]
+    return [main, stages, other, goals]
 
 
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -60,6 +61,14 @@ PROGRAM_OF_KIND = {
     "water_purifier": "water1",
     "aroma_diffuser": "aroma1h",
 }
+
+STAGES = (
+    ("paid", "command_queued"),
+    ("command_queued", "command_sent"),
+    ("command_sent", "command_accepted"),
+    ("command_accepted", "started"),
+)
+"""The steps of an order the server records, in order; `stages` reports the gaps."""
 
 ACCEPTED_TRIGGER = """
 CREATE OR REPLACE FUNCTION bench_accepted() RETURNS trigger AS $$
@@ -501,6 +510,52 @@ class Stack:
             ) as db:
                 row = db.execute(query).fetchone()
         return None if row is None else row[0]
+
+    async def stages(self, order_ids: list[str]) -> dict[str, float]:
+        """Median milliseconds between the server's recorded steps of these orders.
+
+        From `order_events` (server clock): where the time between a notify and the
+        recorded acceptance goes.
+        """
+        rows = await asyncio.to_thread(self._events, order_ids)
+        steps: dict[str, dict[str, datetime]] = {}
+        for order_id, event, raw in rows:
+            at = datetime.fromisoformat(raw) if isinstance(raw, str) else raw
+            steps.setdefault(order_id, {}).setdefault(event, at)
+        figures = {}
+        for first, then in STAGES:
+            gaps = [
+                (s[then] - s[first]).total_seconds() * 1000
+                for s in steps.values()
+                if first in s and then in s
+            ]
+            if gaps:
+                figures[f"{first}->{then}"] = round(statistics.median(gaps), 2)
+        return figures
+
+    def _events(self, order_ids: list[str]) -> list[tuple[str, str, Any]]:
+        events = [first for first, _ in STAGES] + [STAGES[-1][1]]
+        if self.backend == "postgresql":
+            with psycopg.connect(self.plain_database_url) as conn:
+                return list(
+                    conn.execute(
+                        "SELECT order_id, event, at FROM order_events"
+                        " WHERE order_id = ANY(%s) AND event = ANY(%s) ORDER BY id",
+                        (order_ids, events),
+                    ).fetchall()
+                )
+        with contextlib.closing(
+            sqlite3.connect(self.database_url.removeprefix("sqlite:///"))
+        ) as db:
+            found = []
+            for start in range(0, len(order_ids), 500):
+                chunk = order_ids[start : start + 500]
+                query = (
+                    "SELECT order_id, event, at FROM order_events"  # noqa: S608 - placeholders only
+                    f" WHERE order_id IN ({','.join('?' * len(chunk))}) ORDER BY id"
+                )
+                found += [row for row in db.execute(query, chunk) if row[1] in events]
+            return found
 
     async def wait_online(self, count: int, timeout_s: float = 120.0) -> None:
         """Return once the server has seen at least `count` appliances online."""

@@ -152,6 +152,7 @@ async def _phases(options: BenchOptions, stack: Stack) -> dict[str, Any]:
             await closed_loop(stack, stack.server_port, roompay_job(stack), items, level)
         ).figures()
         _stop_profile(spy)
+        ours["stages_ms"] = await stack.stages([item.order_id for item in items])
         await stack.end_runs()
         rows.append(
             {

@@ -24,7 +24,7 @@ from roompay.iot.client import StartupLatch, bring_up, new_client, shut_down
 from roompay.protocol.errors import InvalidTopicError, LinkError
 from roompay.protocol.messages import RunAck, StartCommand, StopCommand, encode
 from roompay.protocol.mqtt_url import MqttEndpoint
-from roompay.protocol.topics import CommandName, ParsedTopic, Topics
+from roompay.protocol.topics import CommandName, EventName, ParsedTopic, TopicKind, Topics
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,12 @@ class Inbox:
     """Device messages waiting for the handler: in arrival order per device, each copy once.
 
     A device's messages always go to the same thread, so they are handled in the
-    order they came; different devices are handled side by side. A message equal
-    to one still waiting (same topic, same bytes: a device re-sending its outbox,
-    a broker redelivering) is dropped, so a backlog cannot feed on itself.
+    order they came, except that answers to commands (`evt/ack`) go before the
+    rest: a start's deadline runs while its answer waits, and a backlog of run
+    events (which the device keeps re-sending anyway) must not make it expire.
+    Different devices are handled side by side. A message equal to one still
+    waiting (same topic, same bytes: a device re-sending its outbox, a broker
+    redelivering) is dropped, so a backlog cannot feed on itself.
     """
 
     def __init__(self, handler: MessageHandler, threads: int = HANDLER_THREADS) -> None:
@@ -82,6 +85,7 @@ class _Lane:
         self._handler = handler
         self._index = index
         self._queue: deque[tuple[str, ParsedTopic, bytes]] = deque()
+        self._answers: deque[tuple[str, ParsedTopic, bytes]] = deque()
         self._queued: set[tuple[str, bytes]] = set()
         self._ready = threading.Condition()
         self._stopping = False
@@ -91,7 +95,7 @@ class _Lane:
     @property
     def waiting(self) -> int:
         with self._ready:
-            return len(self._queue)
+            return len(self._queue) + len(self._answers)
 
     def start(self) -> None:
         with self._ready:
@@ -110,7 +114,8 @@ class _Lane:
                 self.dropped_copies += 1
                 return
             self._queued.add(key)
-            self._queue.append((topic, parsed, payload))
+            answer = parsed.kind is TopicKind.EVT and parsed.name is EventName.ACK
+            (self._answers if answer else self._queue).append((topic, parsed, payload))
             self._ready.notify()
 
     def stop(self, timeout_s: float) -> None:
@@ -124,11 +129,12 @@ class _Lane:
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._answers and not self._stopping:
                     self._ready.wait()
-                if not self._queue:
+                if not self._queue and not self._answers:
                     return
-                topic, parsed, payload = self._queue.popleft()
+                queue = self._answers or self._queue
+                topic, parsed, payload = queue.popleft()
                 # Still marked while handled: a copy arriving meanwhile adds nothing.
             try:
                 self._handler(topic, parsed, payload)

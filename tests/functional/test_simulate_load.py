@@ -135,3 +135,27 @@ def test_copies_of_a_device_message_still_waiting_are_handled_once_and_in_order(
     handled = stuck.wait_handled(3)
     assert handled == [(run_topic, b"first"), (run_topic, b"second"), (run_topic, b"third")]
     assert link.inbox.dropped_copies == 2
+
+
+def test_an_answer_to_a_command_is_handled_before_run_events_waiting_ahead_of_it(
+    link: MqttLink, stuck: StuckDatabase, topics: Topics
+) -> None:
+    # Given a server stuck on a device's first message, with a run event waiting
+    device = f"dev-{secrets.token_hex(4)}"
+    run_topic = topics.event(device, EventName.RUN)
+    ack_topic = topics.event(device, EventName.ACK)
+    link.publish(run_topic, b"first", qos=1)
+    assert stuck.entered.wait(WAIT_S)
+    link.publish(run_topic, b"progress", qos=1)
+
+    # When the answer to a start command arrives after it
+    link.publish(ack_topic, b"accepted", qos=1)
+    deadline = time.monotonic() + WAIT_S
+    while link.inbox.waiting < 2:
+        assert time.monotonic() < deadline, "the messages never arrived"
+        time.sleep(0.02)
+
+    # Then the answer is handled first: the start's deadline runs while it waits
+    stuck.release.set()
+    handled = stuck.wait_handled(3)
+    assert handled == [(run_topic, b"first"), (ack_topic, b"accepted"), (run_topic, b"progress")]

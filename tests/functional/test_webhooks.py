@@ -11,6 +11,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from roompay.services.auth import Role, create_user
@@ -36,8 +37,14 @@ class Receiver:
     url: str = ""
     received: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
+    # When set, each request is held until the gate opens (a hotel system that hangs).
+    gate: threading.Event | None = None
+    waiting: int = 0
 
     def answer(self, headers: Any, body: bytes) -> int:
+        if self.gate is not None:
+            self.waiting += 1
+            self.gate.wait(10)
         timestamp = headers.get("Roompay-Timestamp", "")
         expected = hmac.new(
             self.secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
@@ -302,3 +309,40 @@ def test_an_unreachable_receiver_is_retried_and_records_of_other_hotels_are_not_
     assert delivery.last_error is not None
     assert delivery.last_error.startswith("ConnectError")
     assert delivery.next_attempt_at - stack.clock.now() <= timedelta(seconds=10)
+
+
+# About threads, not databases: once is enough.
+@pytest.mark.parametrize("backend", ["embedded"])
+def test_a_hanging_hotel_system_does_not_hold_up_a_guest_s_run(stack: Stack) -> None:
+    # Given a registered hotel system that holds every request without answering
+    hotel_id, hotel = _hotel(stack)
+    auth = _bearer(stack, "manager-a", Role.MANAGER, hotel_id)
+    device = stack.device_codes[0]
+    gate = threading.Event()
+    try:
+        with receiving(Receiver([204], gate=gate)) as receiver, device_agents(stack, [device]):
+            _register(stack, auth, hotel, receiver)
+            # When a guest pays
+            with stack.client() as http:
+                created = http.post(
+                    "/api/v1/checkout",
+                    json={"device": device, "program": "dry30", "wallet": "wechat"},
+                ).json()
+                assert http.post("/sandbox/pay", json={"qr": created["qr"]}).status_code == 200
+                # Then the appliance starts and ends while the "paid" record is still held
+                wait_for(
+                    lambda: (
+                        http.get(f"/api/v1/orders/{created['order_id']}").json()["status"]
+                        == "completed"
+                    ),
+                    15,
+                    "the run to complete",
+                )
+            # (a held attempt times out after 5 s; a slow machine may see a second one held)
+            assert receiver.received == []
+            assert receiver.waiting >= 1
+            gate.set()
+            wait_for(lambda: len(receiver.received) >= 3, 30, "the records once released")
+    finally:
+        gate.set()
+    assert sorted(r["event"] for r in receiver.received[:3]) == ["ended", "paid", "started"]

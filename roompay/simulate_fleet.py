@@ -157,7 +157,7 @@ class LocalFleet:
                 progress_every_s=3600.0,
                 checkpoint_every_s=1800.0,
                 resume_window_s=600.0,
-                resend_every_s=1.0,
+                resend_every_s=2.0,
                 heartbeat_s=30.0,
             )
             try:

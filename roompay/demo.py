@@ -3,12 +3,16 @@
 SQLite in the data directory, the embedded MQTT broker, the provider sandbox
 mounted under /sandbox, a demo hotel and simulated appliances of all four kinds.
 Starting again on the same directory keeps every order, key and credential.
+
+The simulated appliances log in to the broker as real ones do, with their own
+provisioned account; like a real IoT module, each keeps its password in its own
+storage (`devices/credentials.json` in the data directory), never the server.
 """
 
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +20,18 @@ import uvicorn
 
 from roompay.device.agent import DeviceAgent
 from roompay.device.relay import SimulatedRelay
+from roompay.iot.credentials import verify_password
 from roompay.payments import crypto
 from roompay.payments.factory import build_providers
-from roompay.protocol.mqtt_url import parse_mqtt_url
 from roompay.protocol.signing import device_key
 from roompay.runtime import Runtime
 from roompay.sandbox.app import Sandbox
 from roompay.services.auth import Role, create_user, hash_password
+from roompay.services.provisioning import rotate_password
 from roompay.services.seed import DemoData, ensure_demo
 from roompay.settings import Settings
 from roompay.store.db import transaction, upgrade
-from roompay.store.models import User
+from roompay.store.models import Device, User
 from roompay.web.app import create_app
 
 log = logging.getLogger(__name__)
@@ -127,17 +132,46 @@ def build_demo_runtime(
     return Runtime(settings, build_providers(settings), sandbox=sandbox)
 
 
+def device_passwords(runtime: Runtime, codes: list[str], store: Path) -> dict[str, str]:
+    """The broker password of each simulated appliance, issued once and kept in `store`.
+
+    A password the database no longer accepts (a device never provisioned, or rotated
+    by `roompay device rotate-password` since) is issued anew.
+    """
+    saved: dict[str, str] = json.loads(store.read_text()) if store.exists() else {}
+    with transaction(runtime.ctx.sessions) as session:
+        for code in codes:
+            device = session.query(Device).filter_by(code=code).one()
+            known = saved.get(code)
+            if (
+                known is None
+                or device.mqtt_username != code
+                or device.mqtt_password_hash is None
+                or not verify_password(known, device.mqtt_password_hash)
+            ):
+                saved[code] = rotate_password(session, code, runtime.clock.now()).mqtt_password
+    store.write_text(json.dumps(saved, indent=2))
+    store.chmod(0o600)
+    return saved
+
+
 def start_agents(runtime: Runtime, codes: list[str], time_scale: float) -> list[DeviceAgent]:
-    """Connect one simulated appliance per device code to the runtime's broker."""
-    endpoint = parse_mqtt_url(runtime.mqtt_endpoint_url())
-    secret = runtime.settings.secret_key.encode()
+    """Connect one simulated appliance per device code to the runtime's broker.
+
+    Each logs in with its own provisioned account; the broker is told about accounts
+    issued here before the first agent connects.
+    """
     journals = runtime.settings.data_dir / "devices"
     journals.mkdir(parents=True, exist_ok=True)
+    passwords = device_passwords(runtime, codes, journals / "credentials.json")
+    runtime.refresh_broker_accounts()
+    broker = runtime.mqtt_endpoint()
+    secret = runtime.settings.secret_key.encode()
     agents = []
     for code in codes:
         agent = DeviceAgent(
             code,
-            endpoint,
+            replace(broker, username=code, password=passwords[code]),
             runtime.topics,
             SimulatedRelay(),
             device_key=device_key(secret, code, "k1"),

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, select
 from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
 from roompay.domain.catalog import Wallet
 from roompay.iot.broker import EmbeddedBroker
+from roompay.iot.credentials import BACKEND_USERNAME, generate_password, hash_password
 from roompay.iot.link import HANDLER_THREADS, MqttLink
 from roompay.payments.base import PaymentProvider
 from roompay.protocol.messages import RunAck
@@ -23,6 +24,7 @@ from roompay.services.dispatch import dispatch_due
 from roompay.services.expiry import sweep_unpaid
 from roompay.services.metrics import Metrics
 from roompay.services.orders import count_by_status
+from roompay.services.provisioning import device_accounts
 from roompay.services.refunds import process_due_refunds
 from roompay.services.webhooks import WebhookOutbox
 from roompay.settings import Settings
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
     from roompay.sandbox.app import Sandbox
 
 log = logging.getLogger(__name__)
+
+# How often the embedded broker's accounts are compared with the database (`roompay
+# device add` and `device rotate-password` run in other processes).
+BROKER_ACCOUNTS_REFRESH_S = 2.0
 
 
 @dataclass
@@ -49,6 +55,10 @@ class Runtime:
     engine: Engine = field(init=False)
     ctx: ServiceContext = field(init=False)
     link: MqttLink | None = field(init=False, default=None)
+    _backend_password: str | None = field(init=False, default=None, repr=False)
+    _backend_hash: str = field(init=False, default="", repr=False)
+    _broker_users: dict[str, str] = field(init=False, default_factory=dict, repr=False)
+    _broker_sync: PeriodicWorker | None = field(init=False, default=None, repr=False)
     workers: list[PeriodicWorker] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,13 +81,54 @@ class Runtime:
         return Topics(self.settings.mqtt_topic_root)
 
     def mqtt_endpoint_url(self) -> str:
-        """Where the broker is: the embedded one (started on first use), or the configured URL."""
+        """Where the server connects: the configured URL, or the embedded broker.
+
+        The embedded broker is started on first use, closed to anonymous clients: it
+        knows every provisioned device's account (username = code, its `$7$` hash) with
+        its own-topics ACL, and a `backend` account whose password this process makes
+        up and puts in the URL returned here. Devices added or rotated while it runs
+        are picked up within `BROKER_ACCOUNTS_REFRESH_S`.
+        """
         if self.settings.mqtt_url == "embedded":
             if self.broker is None:
-                self.broker = EmbeddedBroker()
-                self.broker.start()
-            return self.broker.url
+                self._start_embedded_broker()
+            assert self.broker is not None
+            if self._backend_password is None:  # a broker handed in from outside
+                return self.broker.url
+            endpoint = self.broker.endpoint
+            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+            return f"mqtt://{BACKEND_USERNAME}:{self._backend_password}@{host}:{endpoint.port}"
         return self.settings.mqtt_url
+
+    def _start_embedded_broker(self) -> None:
+        password = generate_password()  # URL-safe: needs no quoting in the URL
+        self._backend_hash = hash_password(password)
+        self._broker_users = self.broker_accounts()
+        self.broker = EmbeddedBroker(users=self._broker_users, acl_root=self.topics.root)
+        self.broker.start()
+        self._backend_password = password
+        self._broker_sync = PeriodicWorker(
+            "broker-accounts", self.refresh_broker_accounts, BROKER_ACCOUNTS_REFRESH_S
+        )
+        self._broker_sync.start()
+
+    def broker_accounts(self) -> dict[str, str]:
+        """The embedded broker's users: every provisioned device and this server."""
+        with self.ctx.sessions() as session:
+            users = {a.username: a.password_hash for a in device_accounts(session).accounts}
+        users[BACKEND_USERNAME] = self._backend_hash
+        return users
+
+    def refresh_broker_accounts(self) -> bool:
+        """Give the embedded broker the accounts in the database; tell whether they changed."""
+        if self.broker is None or self._backend_password is None:
+            return False
+        users = self.broker_accounts()
+        if users == self._broker_users:
+            return False
+        self.broker.set_users(users)
+        self._broker_users = users
+        return True
 
     def mqtt_endpoint(self) -> MqttEndpoint:
         """The broker's endpoint."""
@@ -125,6 +176,9 @@ class Runtime:
             worker.stop()
         if self.link is not None:
             self.link.stop()
+        if self._broker_sync is not None:
+            self._broker_sync.stop()
+            self._broker_sync = None
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

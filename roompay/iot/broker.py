@@ -108,7 +108,9 @@ class EmbeddedBroker:
         self._acl = (
             None if acl_root is None or users is None else _acl(users, acl_root, backend_user)
         )
+        self._acl_root = acl_root
         self._backend_user = backend_user
+        self._broker: _Broker | None = None
         self._host = host
         self._requested_port = port
         self._port: int | None = None
@@ -167,6 +169,35 @@ class EmbeddedBroker:
         self._thread = None
         self._port = None
 
+    def set_users(self, users: Mapping[str, str], timeout_s: float = 10.0) -> None:
+        """Replace the users (and their ACL entries) of a running broker with users.
+
+        Takes effect at the next CONNECT, SUBSCRIBE or PUBLISH; connections already
+        open stay open, as with Mosquitto's reload. Only a broker started with users
+        can change them: an anonymous broker cannot become a closed one.
+        """
+        if self._users is None:
+            raise EmbeddedBrokerError("an anonymous embedded broker cannot take users")
+        checked = _checked_users(users)
+        acl = None if self._acl_root is None else _acl(checked, self._acl_root, self._backend_user)
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None:
+            raise EmbeddedBrokerError("embedded broker is not started")
+
+        async def swap() -> None:
+            for plugin in broker.plugins_manager.plugins:
+                config = plugin.context.config
+                if isinstance(plugin, _PasswordHashAuthPlugin):
+                    config.users = dict(checked)
+                    config.will_acl = None if acl is None else acl.publish
+                elif isinstance(plugin, TopicAccessControlListPlugin) and acl is not None:
+                    config.acl = acl.subscribe
+                    config.publish_acl = acl.publish
+
+        asyncio.run_coroutine_threadsafe(swap(), loop).result(timeout_s)
+        self._users, self._acl = checked, acl
+        log.info("embedded MQTT broker now knows %d users", len(checked))
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -196,6 +227,7 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         broker = _Broker(self._config(), loop=asyncio.get_running_loop())
+        self._broker = broker
         connections: set[asyncio.Task[Any]] = set()
         # We own the listening socket and hand each stream to the broker, so port 0
         # yields the real port without a pick-then-bind race. Binding comes first so
@@ -224,6 +256,7 @@ class EmbeddedBroker:
                 for _ in range(3):
                     await asyncio.sleep(0)
         finally:
+            self._broker = None
             server.close()
             await server.wait_closed()
 

@@ -23,6 +23,9 @@ from tests.support.services import MOSQUITTO_URL, scratch_postgres_database
 
 def _assert_clean_faulty_run(options: SimulationOptions) -> None:
     report = simulate(options)
+    workers = -(-options.devices // options.devices_per_worker)
+    split = f"{options.devices} appliances in {workers} worker process(es), 1 server process(es)"
+    assert split in report.notes
     assert report.violations == []
     assert report.orders_placed == options.orders
     # A checkout the server was killed in the middle of leaves an order its guest never
@@ -33,17 +36,20 @@ def _assert_clean_faulty_run(options: SimulationOptions) -> None:
     assert set(report.faults_injected) == {kind.value for kind in FaultKind}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_a_faulty_run_on_sqlite_and_the_embedded_broker_holds_every_invariant(
     tmp_path: Path,
 ) -> None:
-    _assert_clean_faulty_run(
-        SimulationOptions(devices=6, orders=20, faults=True, seed=7, data_dir=tmp_path)
+    # Three appliances per worker process: the fleet is split as a large one is.
+    options = SimulationOptions(
+        devices=6, orders=20, faults=True, seed=7, data_dir=tmp_path, devices_per_worker=3
     )
+    _assert_clean_faulty_run(options)
+    assert (tmp_path / "devices").is_dir()
 
 
 @pytest.mark.services
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_a_faulty_run_on_postgres_and_mosquitto_holds_every_invariant(tmp_path: Path) -> None:
     with scratch_postgres_database() as database_url:
         _assert_clean_faulty_run(

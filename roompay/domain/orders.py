@@ -54,8 +54,9 @@ def status_after_refunds(current: OrderStatus, amount_fen: int, refunded_fen: in
 
     All of it back: refunded. Part of it back after the run: partially refunded.
     Otherwise the status does not change (a running order settles when it ends).
+    Nothing back is never "refunded", even for a free (comp) order of 0 fen.
     """
-    if refunded_fen >= amount_fen and can_move(current, OrderStatus.REFUNDED):
+    if refunded_fen > 0 and refunded_fen >= amount_fen and can_move(current, OrderStatus.REFUNDED):
         return OrderStatus.REFUNDED
     if 0 < refunded_fen < amount_fen and can_move(current, OrderStatus.PARTIALLY_REFUNDED):
         return OrderStatus.PARTIALLY_REFUNDED

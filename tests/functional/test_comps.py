@@ -1,7 +1,6 @@
 """Comp sessions: hotel staff start a free run, with a reason, through the signed command path."""
 
 import httpx
-import pytest
 from sqlalchemy import select, update
 
 from roompay.services.auth import Role, create_user
@@ -91,10 +90,6 @@ def test_the_front_desk_comps_a_run_that_starts_and_moves_no_money(stack: Stack)
         "ended",
     ]
     assert (order["wallet"], order["amount_fen"], order["refunded_fen"]) == ("comp", 0, 0)
-    if order["status"] == "refunded":
-        # domain.orders.status_after_refunds reads "0 of 0 fen refunded" as "all refunded";
-        # it needs `refunded_fen >= amount_fen > 0` for a comp to stay completed.
-        pytest.xfail("an ended comp shows as refunded until the domain rule handles 0 fen")
     assert order["status"] == "completed"
     assert order["paid_at"] is None
     with stack.runtime.ctx.sessions() as session:

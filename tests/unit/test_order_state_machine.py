@@ -142,6 +142,11 @@ def test_status_after_refunds_of_an_800_fen_order(
     assert status_after_refunds(current, 800, refunded_fen) is expected
 
 
+@pytest.mark.parametrize("current", [S.PAID, S.COMPLETED])
+def test_a_free_order_with_nothing_refunded_is_not_refunded(current: OrderStatus) -> None:
+    assert status_after_refunds(current, 0, 0) is current
+
+
 @given(
     current=st.sampled_from(OrderStatus),
     amount_fen=st.integers(min_value=1, max_value=10_000_000),

@@ -20,10 +20,12 @@ from fastapi.templating import Jinja2Templates
 from roompay.domain.catalog import APPLIANCE_NAMES, ApplianceKind
 from roompay.domain.errors import InvalidAmountError
 from roompay.domain.money import format_cny, parse_yuan, yuan_str
+from roompay.domain.orders import OrderStatus
 from roompay.services import (
     catalog,
     comps,
     dashboard,
+    device_control,
     orders,
     reconciliation,
     settlement,
@@ -384,6 +386,9 @@ def _timeline_values(request: Request, principal: Principal, order_id: str) -> d
         "error": None,
         "done": request.query_params.get("refunded") == "1",
         "comped": request.query_params.get("comped") == "1",
+        "stopped": request.query_params.get("stopped") == "1",
+        "can_stop": principal.role in device_control.STOP_ROLES
+        and view.status == OrderStatus.RUNNING,
     }
 
 
@@ -442,6 +447,39 @@ def refund_from_page(
         )
     lang = _lang(request)
     return RedirectResponse(f"/dashboard/orders/{order_id}?refunded=1&lang={lang}", status_code=303)
+
+
+@router.post("/dashboard/orders/{order_id}/stop", response_class=HTMLResponse, response_model=None)
+def stop_from_page(
+    request: Request,
+    order_id: str,
+    reason: Annotated[str, Form(max_length=200)],
+    csrf: Annotated[str, Form(max_length=64)],
+) -> Response:
+    """Stop the order's run from its timeline page, through the staff API's use case."""
+    principal = _staff(request, dashboard.ORDER_ROLES)
+    if isinstance(principal, Response):
+        return principal
+    if not _csrf_ok(request, csrf):
+        return _denied(request, principal)
+    ctx = get_ctx(request)
+    try:
+        with ctx.sessions() as session:
+            staff.load_order_for(session, principal, order_id)  # hotel B's order: not found
+            device_code = orders.get_order_view(session, order_id).device
+        if not reason.strip():
+            raise ServiceError(ErrorKind.INVALID, "invalid_reason", "give a reason")
+        device_control.stop_run(ctx, principal, device_code, reason.strip())
+    except ServiceError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:
+            return _not_found(request, principal)
+        values = _timeline_values(request, principal, order_id)
+        values["error"] = exc.message
+        return _render(
+            request, "order.html", principal, STATUS_BY_KIND.get(exc.kind, 400), **values
+        )
+    lang = _lang(request)
+    return RedirectResponse(f"/dashboard/orders/{order_id}?stopped=1&lang={lang}", status_code=303)
 
 
 @router.get("/dashboard/revenue", response_class=HTMLResponse, response_model=None)

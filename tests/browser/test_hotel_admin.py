@@ -172,3 +172,42 @@ def test_the_operator_reads_statements_reconciliation_and_revenue_by_hotel(
     page.goto("/dashboard/revenue?lang=en")
     expect(page.locator("#revenue-by-hotel .bar-label")).to_have_text([hotel, "other"])
     screenshot("revenue-by-hotel", page)
+
+
+def test_the_front_desk_stops_a_run_from_its_timeline(stack: Stack, contexts: Contexts) -> None:
+    hotel_id, _hotel_code = _hotel(stack)
+    add_user(stack, "desk", Role.FRONT_DESK, hotel_id)
+    device = stack.device_codes[0]
+    # The 30-minute program lasts 90 s of wall time here: long enough to stop it
+    with device_agents(stack, [device], time_scale=20.0):
+        with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            created = http.post(
+                "/api/v1/checkout", json={"device": device, "program": "dry30", "wallet": "wechat"}
+            ).json()
+            assert http.post("/sandbox/pay", json={"qr": created["qr"]}).status_code == 200
+            order_id = created["order_id"]
+            wait_for(
+                lambda: http.get(f"/api/v1/orders/{order_id}").json()["status"] == "running",
+                20,
+                "running",
+            )
+        # Given the front desk on the running order's timeline
+        page = _sign_in(contexts.new(phone=False), "desk")
+        page.goto(f"/dashboard/orders/{order_id}?lang=en")
+        expect(page.locator("#order-status")).to_have_text("Running")
+        # When they stop the run with a reason
+        page.fill('#stop-form input[name="reason"]', "smoke from the vent")
+        page.click('#stop-form button[type="submit"]')
+        # Then the stop is sent, the appliance ends the run and the unused share is refunded
+        expect(page.locator("#stop-done")).to_have_text("Stop sent to the appliance")
+        expect(page.locator('#timeline li[data-event="stop_requested"]')).to_contain_text(
+            "Stop requested by staff · smoke from the vent"
+        )
+        for _ in range(100):
+            page.reload()
+            if page.locator('#timeline li[data-event="ended"]').count():
+                break
+            page.wait_for_timeout(100)
+        expect(page.locator('#timeline li[data-event="ended"]')).to_be_visible()
+        expect(page.locator("#stop-form")).to_have_count(0)
+        screenshot("order-stopped", page)

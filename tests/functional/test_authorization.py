@@ -70,6 +70,7 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     ("GET", "/dashboard/orders/{order_id}"): (303, 200, 200, 200, 403),
     # Without the form's token the refund form is refused before anything is looked up
     ("POST", "/dashboard/orders/{order_id}/refund"): (303, 403, 403, 403, 403),
+    ("POST", "/dashboard/orders/{order_id}/stop"): (303, 403, 403, 403, 403),
     ("GET", "/dashboard/revenue"): (303, 200, 200, 403, 403),
     # Hotel API: webhooks and prices are for managers and the operator (removing is idempotent)
     ("PUT", "/api/v1/hotels/{hotel}/webhook"): (401, 200, 200, 403, 403),
@@ -134,6 +135,7 @@ FORM_BODIES: dict[str, dict[str, str]] = {
     "/dashboard/programs/{hotel}/{program}": {"price": "8.00", "active": "on", "csrf": "forged"},
     "/dashboard/webhooks/{hotel}": {"url": "http://127.0.0.1:9/hook", "csrf": "forged"},
     "/dashboard/webhooks/{hotel}/retry": {"csrf": "forged"},
+    "/dashboard/orders/{order_id}/stop": {"reason": "walk", "csrf": "forged"},
 }
 
 SKIPPED_PREFIXES = ("/sandbox", "/static", "/docs", "/redoc", "/openapi.json")

@@ -155,7 +155,9 @@ def _staff_key(order_id: str, principal: Principal, idempotency_key: str | None,
 
 
 def list_refunds(ctx: ServiceContext, principal: Principal, order_id: str) -> list[RefundView]:
-    """An order's refunds, oldest first."""
+    """An order's refunds, oldest first: money, so not for technicians."""
+    if principal.role not in REFUND_ROLES:
+        raise ServiceError(ErrorKind.FORBIDDEN, "forbidden", "your role cannot see refunds")
     with ctx.sessions() as session:
         load_order_for(session, principal, order_id)
         refunds = session.scalars(

@@ -46,7 +46,7 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     ("POST", "/api/v1/devices/{code}/stop"): (401, 409, 409, 409, 409),
     # The order is awaiting payment: staff may refund, but not yet
     ("POST", "/api/v1/orders/{order_id}/refunds"): (401, 409, 409, 409, 403),
-    ("GET", "/api/v1/orders/{order_id}/refunds"): (401, 200, 200, 200, 200),
+    ("GET", "/api/v1/orders/{order_id}/refunds"): (401, 200, 200, 200, 403),
     ("GET", "/api/v1/feed"): (401, 200, 200, 200, 403),
     # Money: hotel staff read their own statements (none is issued yet: 404); only the
     # operator issues statements and reconciles (no report yet: 404); technicians see no money
@@ -97,7 +97,7 @@ EXPECTED: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
 
 # A's staff on hotel B's order: told it does not exist. The admin sees every hotel.
 OBJECT_LEVEL: dict[tuple[str, str], tuple[int, int, int, int]] = {
-    ("GET", "/api/v1/orders/{order_id}/refunds"): (200, 404, 404, 404),
+    ("GET", "/api/v1/orders/{order_id}/refunds"): (200, 404, 404, 403),
     ("POST", "/api/v1/orders/{order_id}/refunds"): (409, 404, 404, 403),
     ("GET", "/dashboard/orders/{order_id}"): (200, 404, 404, 403),
 }

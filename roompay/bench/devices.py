@@ -55,6 +55,7 @@ class _Fleet:
     spec: FleetSpec
     clients: dict[str, MiniMqtt] = field(default_factory=dict)
     runs: dict[str, _Run] = field(default_factory=dict)
+    answered: dict[str, str] = field(default_factory=dict)  # cmd_id -> run_id
     started: dict[str, float] = field(default_factory=dict)
     commands: int = 0
     baseline_commands: int = 0
@@ -91,9 +92,11 @@ def _handler(fleet: _Fleet, code: str) -> Any:
                 fleet.commands += 1
                 cmd = json.loads(payload)
                 run = fleet.runs.get(code)
-                if run is not None and run.cmd_id == cmd["cmd_id"]:
-                    # A re-send of the command that runs: the earlier answer, as a duplicate.
-                    ack = {"cmd_id": run.cmd_id, "status": "duplicate", "run_id": run.run_id}
+                earlier = fleet.answered.get(cmd["cmd_id"])
+                if earlier is not None:
+                    # A re-send of a command already answered (it may have run and ended
+                    # since): the earlier answer again, as a duplicate (protocol §5, step 4).
+                    ack = {"cmd_id": cmd["cmd_id"], "status": "duplicate", "run_id": earlier}
                     client.publish(ack_topic, _dump(ack | {"ts": _now()}), 1)
                     return
                 if run is not None:
@@ -102,6 +105,7 @@ def _handler(fleet: _Fleet, code: str) -> Any:
                     return
                 run = _Run(uuid.uuid4().hex, cmd["cmd_id"], cmd["order_id"], cmd["duration_s"])
                 fleet.runs[code] = run
+                fleet.answered[run.cmd_id] = run.run_id
                 ack = {"cmd_id": run.cmd_id, "status": "accepted", "run_id": run.run_id}
                 client.publish(ack_topic, _dump(ack | {"ts": _now()}), 1)
                 fleet.started[run.order_id] = time.perf_counter()

@@ -32,8 +32,8 @@ async def run_fleet_phase(
     connect_s = 0.0
     if more:
         connect_s = await asyncio.to_thread(stack.fleet.start, stack.fleet_specs(more, heartbeat_s))
-    orders = int(rate * duration_s)
-    items, _ = await stack.prepare(stack.codes[:orders])
+    items, _ = await stack.prepare(stack.codes[: int(rate * duration_s)])
+    orders = len(items)
     peaks: dict[str, float] = {}
     pids = {"server": stack.server.pid, "broker": stack.broker_pid}
     sampler = asyncio.create_task(_sample_rss(pids, peaks))

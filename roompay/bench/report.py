@@ -144,6 +144,9 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     console = console or Console(width=160)
     for table in tables(results):
         console.print(table)
+    anomalies = {name: count for name, count in results.get("anomalies", {}).items() if count}
+    if anomalies:
+        console.print(f"anomalies: {anomalies}")
     console.print(
         f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']},"
         f" {results['duration_s']:.0f} s in all"

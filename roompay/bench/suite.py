@@ -52,7 +52,7 @@ class Sizes:
     warmup: int = 10
 
 
-FULL = Sizes("full", {1: 300, 16: 1500, 64: 3000}, 10_000, 100.0, 60.0, 100, 50)
+FULL = Sizes("full", {1: 200, 16: 1000, 64: 2000}, 10_000, 100.0, 60.0, 100, 50)
 QUICK = Sizes("quick", {1: 50, 16: 200, 64: 400}, 1_000, 100.0, 10.0, 100, 20)
 SMOKE = Sizes("smoke", {1: 4, 16: 16, 64: 64}, 80, 20.0, 2.0, 4, 3, 5.0, 5.0, 2)
 
@@ -131,7 +131,7 @@ async def _phases(options: BenchOptions, stack: Stack) -> dict[str, Any]:
     checkout_ms: list[float] = []
     for level in levels:
         prepared[level], times = await stack.prepare(
-            codes[: sizes.orders[level]], 1 if level == 1 else 8
+            codes[: sizes.orders[level]], 1 if level == 1 else 16
         )
         if level == 1:
             checkout_ms = times
@@ -174,6 +174,10 @@ async def _phases(options: BenchOptions, stack: Stack) -> dict[str, Any]:
         stack, sizes.fleet_devices, sizes.fleet_rate, sizes.fleet_s, sizes.heartbeat_s
     )
     return {
+        "anomalies": {
+            "stuck_running": stack.stuck_running,
+            "refused_checkouts": stack.refused_checkouts,
+        },
         "pay_to_start": rows,
         "checkout": {
             "count": len(checkout_ms),

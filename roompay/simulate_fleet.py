@@ -26,6 +26,7 @@ from roompay.device.agent import DeviceAgent
 from roompay.device.journal import Answer, JournaledRun, SqliteJournal
 from roompay.device.relay import SimulatedRelay
 from roompay.domain.catalog import ApplianceKind
+from roompay.iot.broker import EmbeddedBroker
 from roompay.protocol.messages import RunEvent
 from roompay.protocol.mqtt_url import MqttEndpoint
 from roompay.protocol.signing import device_key
@@ -473,3 +474,73 @@ class Fleet:
         if errors:
             raise errors[0]
         return results
+
+
+# --- the embedded broker, in a process of its own ---------------------------------------
+
+
+def _broker_main(conn: multiprocessing.connection.Connection, log_level: int | None) -> None:
+    """Run an embedded broker until the simulator says stop or goes away."""
+    if log_level is not None:
+        from roompay.logs import configure_logging  # noqa: PLC0415 - only in a broker process
+
+        configure_logging(logging.getLevelName(log_level))
+    broker = EmbeddedBroker()
+    broker.start()
+    conn.send(broker.port)
+    with contextlib.suppress(EOFError, OSError):
+        conn.recv()
+    with contextlib.suppress(Exception):  # the process ends either way
+        broker.stop()
+
+
+class BrokerProcess:
+    """An embedded broker in its own process: the simulator's threads do not slow it down.
+
+    `crash` ends it with SIGKILL: every connection drops, every session and retained
+    message is gone, as when a broker without persistence restarts.
+    """
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        level = logging.getLogger().level if logging.getLogger().handlers else None
+        self._process = context.Process(
+            target=_broker_main, args=(child, level), name="embedded-broker", daemon=True
+        )
+        self._child = child
+        self._port: int | None = None
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        """Where the broker listens."""
+        if self._port is None:
+            raise RuntimeError("the broker process is not started")
+        return MqttEndpoint(host="127.0.0.1", port=self._port)
+
+    @property
+    def url(self) -> str:
+        """The broker's mqtt:// URL."""
+        return f"mqtt://127.0.0.1:{self.endpoint.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the process; return once the broker listens."""
+        self._process.start()
+        self._child.close()
+        if not self._conn.poll(timeout_s):
+            self.crash()
+            raise RuntimeError("the embedded broker process did not start")
+        self._port = int(self._conn.recv())
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Ask the broker to stop; kill it if it does not within `timeout_s`."""
+        with contextlib.suppress(OSError):
+            self._conn.send("stop")
+        self._process.join(timeout_s)
+        self.crash()
+
+    def crash(self) -> None:
+        """End the broker at once (SIGKILL)."""
+        if self._process.pid is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(10)

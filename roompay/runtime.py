@@ -13,7 +13,7 @@ from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
 from roompay.domain.catalog import Wallet
 from roompay.iot.broker import EmbeddedBroker
 from roompay.iot.credentials import BACKEND_USERNAME, generate_password, hash_password
-from roompay.iot.link import HANDLER_THREADS, MqttLink
+from roompay.iot.link import HANDLER_THREADS, REPEAT_WINDOW_S, MqttLink
 from roompay.payments.base import PaymentProvider
 from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
@@ -145,6 +145,7 @@ class Runtime:
             f"roompay-server-{self.ids.token(4)}",
             self._on_message,
             handler_threads=1 if sqlite else HANDLER_THREADS,
+            repeat_window_s=REPEAT_WINDOW_S,
         )
         self.link.start(timeout_s=10)
         self._start_workers(self.link)

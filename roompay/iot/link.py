@@ -12,8 +12,9 @@ broker restart costs no subscriptions even with a clean session.
 
 import logging
 import threading
+import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ MessageHandler = Callable[[str, ParsedTopic, bytes], None]
 """Called on a handler thread with (topic, parsed topic, payload) for each device message."""
 
 HANDLER_THREADS = 4
+REPEAT_WINDOW_S = 10.0
+"""The server's window: a message equal to one handled less than this long ago is a repeat."""
 
 
 class Inbox:
@@ -42,15 +45,19 @@ class Inbox:
     rest: a start's deadline runs while its answer waits, and a backlog of run
     events (which the device keeps re-sending anyway) must not make it expire.
     Different devices are handled side by side. A message equal to one still
-    waiting (same topic, same bytes: a device re-sending its outbox, a broker
-    redelivering) is dropped, so a backlog cannot feed on itself.
+    waiting or handled less than `repeat_window_s` ago (same topic, same bytes: a
+    device re-sending its outbox before our run ack reached it, a broker
+    redelivering) is dropped, so a backlog cannot feed on itself. A device whose
+    run ack was lost sends the event again after the window and gets it then.
     """
 
-    def __init__(self, handler: MessageHandler, threads: int = HANDLER_THREADS) -> None:
-        if threads < 1:
-            raise ValueError("an inbox needs at least one thread")
+    def __init__(
+        self, handler: MessageHandler, threads: int = HANDLER_THREADS, repeat_window_s: float = 0.0
+    ) -> None:
+        if threads < 1 or repeat_window_s < 0:
+            raise ValueError("an inbox needs a thread, and a repeat window is not negative")
         self._handler = handler
-        self._lanes = [_Lane(handler, index) for index in range(threads)]
+        self._lanes = [_Lane(handler, index, repeat_window_s) for index in range(threads)]
 
     @property
     def waiting(self) -> int:
@@ -81,12 +88,14 @@ class Inbox:
 class _Lane:
     """One handler thread and its queue."""
 
-    def __init__(self, handler: MessageHandler, index: int) -> None:
+    def __init__(self, handler: MessageHandler, index: int, repeat_window_s: float) -> None:
         self._handler = handler
         self._index = index
+        self._repeat_window_s = repeat_window_s
         self._queue: deque[tuple[str, ParsedTopic, bytes]] = deque()
         self._answers: deque[tuple[str, ParsedTopic, bytes]] = deque()
         self._queued: set[tuple[str, bytes]] = set()
+        self._recent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._ready = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -109,8 +118,11 @@ class _Lane:
 
     def put(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
         key = (topic, payload)
+        now = time.monotonic()
         with self._ready:
-            if key in self._queued:
+            while self._recent and next(iter(self._recent.values())) < now - self._repeat_window_s:
+                self._recent.popitem(last=False)
+            if key in self._queued or key in self._recent:
                 self.dropped_copies += 1
                 return
             self._queued.add(key)
@@ -144,6 +156,9 @@ class _Lane:
             finally:
                 with self._ready:
                     self._queued.discard((topic, payload))
+                    if self._repeat_window_s > 0:
+                        self._recent[(topic, payload)] = time.monotonic()
+                        self._recent.move_to_end((topic, payload))
 
 
 class MqttLink:
@@ -159,10 +174,11 @@ class MqttLink:
         keepalive_s: int = 30,
         clean_session: bool = True,
         handler_threads: int = HANDLER_THREADS,
+        repeat_window_s: float = 0.0,
     ) -> None:
         self._endpoint = endpoint
         self._topics = topics
-        self._inbox = Inbox(on_message, handler_threads)
+        self._inbox = Inbox(on_message, handler_threads, repeat_window_s)
         # The copy of each start command last handed to paho, by command id.
         self._starts: dict[str, mqtt.MQTTMessageInfo] = {}
         self._keepalive_s = keepalive_s

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from roompay.iot.link import MqttLink
+from roompay.iot.link import REPEAT_WINDOW_S, MqttLink
 from roompay.protocol.messages import AckStatus, CommandAck, decode
 from roompay.protocol.mqtt_url import MqttEndpoint
 from roompay.protocol.topics import EventName, ParsedTopic, Topics
@@ -159,3 +159,37 @@ def test_an_answer_to_a_command_is_handled_before_run_events_waiting_ahead_of_it
     stuck.release.set()
     handled = stuck.wait_handled(3)
     assert handled == [(run_topic, b"first"), (ack_topic, b"accepted"), (run_topic, b"progress")]
+
+
+def test_a_copy_of_a_device_message_handled_moments_ago_is_dropped(
+    endpoint: MqttEndpoint, stuck: StuckDatabase, topics: Topics
+) -> None:
+    # Given a run event a server with the runtime's repeat window has just handled
+    stuck.release.set()
+    link = MqttLink(
+        endpoint,
+        topics,
+        f"roompay-server-{secrets.token_hex(4)}",
+        stuck,
+        repeat_window_s=REPEAT_WINDOW_S,
+    )
+    link.start(timeout_s=WAIT_S)
+    try:
+        _resend_before_the_run_ack(link, stuck, topics)
+    finally:
+        link.stop()
+
+
+def _resend_before_the_run_ack(link: MqttLink, stuck: StuckDatabase, topics: Topics) -> None:
+    device = f"dev-{secrets.token_hex(4)}"
+    run_topic = topics.event(device, EventName.RUN)
+    link.publish(run_topic, b"started", qos=1)
+    stuck.wait_handled(1)
+
+    # When the device re-sends it before our run ack reached it, then sends the next one
+    link.publish(run_topic, b"started", qos=1)
+    link.publish(run_topic, b"ended", qos=1)
+
+    # Then the copy costs nothing: only the new event is handled
+    assert stuck.wait_handled(2) == [(run_topic, b"started"), (run_topic, b"ended")]
+    assert link.inbox.dropped_copies == 1

@@ -1,9 +1,10 @@
-"""`roompay bench`: performance figures, measured on this machine, printed as tables.
+"""`roompay bench journey` and `bench notify`: single-process figures in the demo setup.
 
 `journey` measures what a guest feels in the demo setup (SQLite, the embedded
 broker, the sandbox, a simulated appliance, all in one process): the time from the
 sandbox payment to the server committing the paid order, and to the appliance
-reporting that it started.
+reporting that it started. `notify` measures notify handling alone (verify, decrypt,
+commit, reply) on a server in this process. The whole suite is `roompay.bench.suite`.
 """
 
 import json

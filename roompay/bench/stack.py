@@ -586,15 +586,23 @@ class Stack:
         that stops shrinking for `stall_s` is an error.
         """
         await asyncio.to_thread(self.fleet.ask, "end")
-        running, since = await self.running_devices(), time.monotonic()
-        while running > 0:
+        progress = await self._run_progress()
+        since = time.monotonic()
+        while progress[0] > 0:
             await asyncio.sleep(0.2)
-            now_running = await self.running_devices()
-            if now_running < running:
-                running, since = now_running, time.monotonic()
+            now = await self._run_progress()
+            # Progress: fewer appliances running, or more run events stored (a backlog of
+            # `started` events may keep the count of running appliances up for a while).
+            if now[0] < progress[0] or now[1] > progress[1]:
+                since = time.monotonic()
             elif time.monotonic() - since > stall_s:
-                self.stuck_running = max(self.stuck_running, running)
+                self.stuck_running = max(self.stuck_running, now[0])
                 return
+            progress = now
+
+    async def _run_progress(self) -> tuple[int, int]:
+        stored = int(await asyncio.to_thread(self._scalar, "SELECT count(*) FROM run_events"))
+        return await self.running_devices(), stored
 
     async def close(self) -> None:
         """Stop everything, last started first."""

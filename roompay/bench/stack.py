@@ -163,7 +163,7 @@ allow_anonymous true
 # As in production (roompay/iot/mosquitto.py): without it Nagle's algorithm holds
 # small packets back, about 40 ms per hop.
 set_tcp_nodelay true
-max_queued_messages 1000
+max_queued_messages 100000
 persistence false
 log_dest file {log}
 log_type error

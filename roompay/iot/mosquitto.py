@@ -33,7 +33,10 @@ PASSWORD_FILE = "passwd"  # noqa: S105 - a file name, not a password
 ACL_FILE = "acl"
 DATA_DIR = "data"
 DEFAULT_RUN_AS = "mosquitto"
-MAX_QUEUED_MESSAGES = 1000
+# QoS 1 messages Mosquitto keeps per client while it is slow or away. The server's one
+# subscription carries every device's events: a server seconds behind at peak must not
+# lose them (at 1,000 it did, silently). A device's own queue holds a few commands.
+MAX_QUEUED_MESSAGES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,7 @@ def render_config(directory: Path, options: MosquittoOptions) -> str:
         f"acl_file {directory / ACL_FILE}",
         "use_username_as_clientid true",
         "set_tcp_nodelay true",
-        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES:d}",
         "persistence true",
         f"persistence_location {directory / DATA_DIR}/",
     ]

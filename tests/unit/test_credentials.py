@@ -103,7 +103,7 @@ def test_config_text_for_production_has_no_user_line() -> None:
         "acl_file /etc/roompay-mqtt/acl\n"
         "use_username_as_clientid true\n"
         "set_tcp_nodelay true\n"
-        "max_queued_messages 1000\n"
+        "max_queued_messages 100000\n"
         "persistence true\n"
         "persistence_location /etc/roompay-mqtt/data/\n"
     )

@@ -196,7 +196,7 @@ class Command(Base):
     __table_args__ = (Index("ix_commands_status_next", "status", "next_attempt_at"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)

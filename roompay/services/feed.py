@@ -34,6 +34,7 @@ class FeedItem:
     program: str
     wallet: str
     amount_fen: int
+    hotel_id: int = 0  # for scoping subscribers; not sent
 
     def as_json(self) -> dict[str, Any]:
         """The item as a JSON-ready dict."""
@@ -102,6 +103,7 @@ def _items(session: Session, query: Select[OrderEvent, Order, Device, str, str])
             program=order.program_code,
             wallet=order.wallet,
             amount_fen=order.amount_fen,
+            hotel_id=order.hotel_id,
         )
         for event, order, device, hotel_code, room_number in session.execute(query)
     ]

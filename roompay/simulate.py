@@ -821,7 +821,6 @@ def _checkout(
     body = {"device": code, "program": program.code, "wallet": plan.wallet}
     headers = {"Idempotency-Key": f"sim-{plan.index}-{attempt}"}
     give_up = time.monotonic() + 30
-    stalled = 0.0
     while time.monotonic() < give_up and not appliance.gone:
         response = _retrying(
             run, http, lambda c: c.post("/api/v1/checkout", json=body, headers=headers), 30
@@ -831,11 +830,8 @@ def _checkout(
             return order
         if response.status_code != 409:
             raise RuntimeError(f"checkout refused: {response.status_code} {response.text}")
-        if response.json()["error"]["code"] == "checkout_in_progress":
-            # A checkout cut short by a server crash stays "in progress" for its key.
-            stalled = stalled or time.monotonic()
-            if time.monotonic() - stalled > 5:
-                return None
+        if response.json()["error"]["code"] == "checkout_failed":
+            return None  # the provider refused this key's checkout: the guest walks away
         time.sleep(0.1)
     return None
 

@@ -46,6 +46,7 @@ from roompay.protocol.messages import (
     CommandAck,
     DevicePresence,
     EndReason,
+    FaultEvent,
     Heartbeat,
     Message,
     RejectReason,
@@ -170,6 +171,7 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._run: _Run | None = None
         self._faulted = False
+        self._fault_code = "appliance_fault"
         self._powered = False
         self._lifecycle = threading.Lock()
         self._started = False
@@ -284,18 +286,30 @@ class DeviceAgent:
                 worker.join()
             self._journal.close()
 
-    def fault(self) -> None:
-        """The appliance reports a fault: end any run as `fault` and refuse runs until cleared."""
+    def fault(self, code: str = "appliance_fault") -> None:
+        """The appliance reports fault `code`: end any run as `fault`, refuse runs until cleared.
+
+        The fault is announced (retained) before the run's end, so staff see why it ended.
+        """
         with self._lock:
             self._journal.set_faulted(True)
             self._faulted = True
+            self._fault_code = code
+        self._publish_fault(code, active=True)
         self._end_active_run(EndReason.FAULT)
 
     def clear_fault(self) -> None:
-        """The fault is repaired: accept commands again."""
+        """The fault is repaired: accept commands again, and say so."""
         with self._lock:
             self._journal.set_faulted(False)
             self._faulted = False
+            code = self._fault_code
+        self._publish_fault(code, active=False)
+
+    def _publish_fault(self, code: str, *, active: bool) -> None:
+        report = FaultEvent(fault=code, active=active, ts=self._clock.now())
+        topic = self._topics.event(self._code, EventName.FAULT)
+        self._mqtt.publish(topic, encode(report), qos=1, retain=True)
 
     def door_opened(self) -> None:
         """The guest opened the appliance: end any run as `local_stop`."""

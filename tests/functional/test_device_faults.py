@@ -82,7 +82,7 @@ def test_a_fault_mid_run_ends_it_with_the_pro_rated_refund_and_blocks_checkout(
         wait_for(lambda: _order(http, order["order_id"])["status"] == "running", 20, "running")
         time.sleep(80 / TIME_SCALE)
         # When the appliance faults
-        agent.fault()
+        agent.fault("heater_overtemp")
         # Then the run ends as `fault`, the unused share goes back, and the device is faulted
         done = wait_for(
             lambda: (o := _order(http, order["order_id"]))["status"] == "partially_refunded" and o,
@@ -93,6 +93,10 @@ def test_a_fault_mid_run_ends_it_with_the_pro_rated_refund_and_blocks_checkout(
         before = stack.table_counts()
         refused = _checkout(http, code)
         assert stack.table_counts() == before
+        # And once repaired, the appliance takes orders again
+        agent.clear_fault()
+        wait_for(lambda: _state(stack, code) == "idle", 10, "fault cleared")
+        assert _checkout(http, code).status_code == 201
     assert refused.status_code == 409
     assert refused.json() == {
         "error": {
@@ -110,9 +114,10 @@ def test_a_fault_mid_run_ends_it_with_the_pro_rated_refund_and_blocks_checkout(
         refund = session.scalars(select(Refund).where(Refund.order_id == stored.id)).one()
         assert (refund.amount_fen, refund.reason) == (expected, "early_stop:fault")
     assert done["refunded_fen"] == expected
-    # The fault the run ended with is kept, without a code the device did not give
+    # The fault is kept with the appliance's own code, then its repair
     assert [(action, fault) for action, fault, _at in _fault_log(stack, code)] == [
-        ("device_fault", "unreported")
+        ("device_fault", "heater_overtemp"),
+        ("device_fault_cleared", "heater_overtemp"),
     ]
 
 

@@ -42,8 +42,13 @@ def add_contract(
 
 
 def hotel_contracts(session: Session, hotel_id: int) -> list[HotelContract]:
-    """Every contract a hotel ever had."""
-    rows = session.scalars(select(ContractRow).where(ContractRow.hotel_id == hotel_id))
+    """Every contract a hotel ever had.
+
+    Read without autoflush: a payment's transaction has the order and its outbox rows
+    pending, and flushing them here only to read contracts cost a flush of its own.
+    """
+    with session.no_autoflush:
+        rows = session.scalars(select(ContractRow).where(ContractRow.hotel_id == hotel_id)).all()
     return [
         HotelContract(
             r.effective_from, r.share_bp, rules.ShareBasis(r.basis), r.min_monthly_guarantee_fen
@@ -58,8 +63,11 @@ def contract_on(session: Session, hotel_id: int, day: date) -> HotelContract:
 
 
 def fees_on(session: Session, wallet: str, day: date) -> FeeSchedule:
-    """The provider's fee schedule in force on `day`."""
-    rows = session.scalars(select(ProviderFeeSchedule).where(ProviderFeeSchedule.wallet == wallet))
+    """The provider's fee schedule in force on `day` (read without autoflush, as above)."""
+    with session.no_autoflush:
+        rows = session.scalars(
+            select(ProviderFeeSchedule).where(ProviderFeeSchedule.wallet == wallet)
+        ).all()
     return rules.in_force(
         [
             FeeSchedule(r.effective_from, r.rate_bp, rules.RefundFeeRule(r.refund_rule))

@@ -82,6 +82,12 @@ def read_feed(
     return _items(session, query)
 
 
+def event_ids_after(session: Session, after: int, limit: int = 500) -> list[int]:
+    """Ids of order steps above `after`, oldest first: a cheap look before reading items."""
+    query = select(OrderEvent.id).where(OrderEvent.id > after).order_by(OrderEvent.id)
+    return list(session.scalars(query.limit(limit)))
+
+
 def feed_items(session: Session, event_ids: list[int]) -> list[FeedItem]:
     """These order steps as the feed shows them, oldest first."""
     return _items(session, _items_query().where(OrderEvent.id.in_(event_ids)))

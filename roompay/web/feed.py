@@ -110,14 +110,16 @@ class FeedHub:
             if fresh:
                 self._changed.set()
                 self._changed = asyncio.Event()
-            if len(items) < 500:
+            else:
                 await asyncio.sleep(HUB_POLL_S)
 
     def _read(self) -> list[feed.FeedItem]:
         with self._ctx.sessions() as session:
             if self._newest_id is None:
                 self._newest_id = feed.latest_event_id(session)
-            return feed.read_feed(session, None, self._newest_id - HUB_LOOKBACK_IDS, limit=500)
+            ids = feed.event_ids_after(session, self._newest_id - HUB_LOOKBACK_IDS, limit=500)
+            fresh = [event_id for event_id in ids if event_id not in self._seen]
+            return feed.feed_items(session, fresh) if fresh else []
 
     def _take(self, item: feed.FeedItem) -> None:
         self._seq += 1

@@ -154,6 +154,29 @@ def test_a_subscriber_resumes_after_the_last_event_it_saw(stack: Stack) -> None:
     assert [item["id"] for item in rest] == [s["id"] for s in steps[3:]]
 
 
+def test_a_step_committed_after_a_later_one_still_reaches_the_subscriber(stack: Stack) -> None:
+    # Given a subscriber following an order's steps
+    headers = _bearer(stack, "manager-a", Role.MANAGER, _hotel_id(stack))
+    device = stack.device_codes[0]
+    with device_agents(stack, [device]), stack.client() as http:
+        order_id = _buy(http, device, "dry30")
+        with http.stream("GET", "/api/v1/feed?after=0", headers=headers) as live:
+            frames = _frames(live)
+            last = next(item for item in frames if item["event"] == "ended")["id"]
+            # When two transactions commit out of id order: id last+10 first, then last+5
+            now = stack.runtime.clock.now()
+            for event_id, event in ((last + 10, "later_id"), (last + 5, "earlier_id")):
+                with transaction(stack.runtime.ctx.sessions) as session:
+                    session.add(
+                        OrderEvent(id=event_id, order_id=order_id, at=now, event=event, detail={})
+                    )
+                if event == "later_id":
+                    assert next(frames)["event"] == "later_id"
+            late = next(frames)
+    # Then the step with the earlier id is sent too, once it is committed
+    assert (late["id"], late["event"]) == (last + 5, "earlier_id")
+
+
 def test_the_feed_refuses_the_anonymous_and_technicians(stack: Stack) -> None:
     technician = _bearer(stack, "tech-a", Role.TECHNICIAN, _hotel_id(stack))
     with stack.client() as http:

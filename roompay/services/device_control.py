@@ -16,11 +16,10 @@ from sqlalchemy.orm import Session
 from roompay.domain.orders import OrderStatus
 from roompay.logs import order_context
 from roompay.protocol.messages import StopCommandBody
-from roompay.protocol.signing import device_key, sign_command
 from roompay.services.auth import Principal, Role
 from roompay.services.context import ServiceContext
 from roompay.services.errors import ErrorKind, ServiceError, conflict, not_found
-from roompay.services.payments import device_key_id, next_command_seq
+from roompay.services.payments import add_signed_command, device_key_id, next_command_seq
 from roompay.services.staff import audit
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
@@ -160,20 +159,6 @@ def _queue_stop(
         seq=next_command_seq(session, device),
         key_id=key_id,
     )
-    key = device_key(ctx.settings.secret_key.encode(), device.code, key_id)
-    command = sign_command(body, key, device.code)
-    row = Command(
-        id=command.cmd_id,
-        order_id=order.id,
-        device_id=device.id,
-        kind="stop",
-        status="pending",
-        payload=command.model_dump(mode="json"),
-        attempts=0,
-        created_at=now,
-        next_attempt_at=now,
-        deadline_at=deadline,
-    )
-    session.add(row)
+    row = add_signed_command(ctx, session, device, order.id, "stop", body)
     session.flush()
     return row

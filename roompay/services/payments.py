@@ -18,7 +18,7 @@ from roompay.domain.catalog import Wallet
 from roompay.domain.orders import OrderStatus, can_move
 from roompay.logs import order_context
 from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
-from roompay.protocol.messages import StartCommandBody
+from roompay.protocol.messages import StartCommandBody, StopCommandBody
 from roompay.protocol.signing import device_key, sign_command
 from roompay.services.context import ServiceContext
 from roompay.services.ledger import post_payment
@@ -265,20 +265,33 @@ def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
         seq=next_command_seq(session, device),
         key_id=key_id,
     )
-    key = device_key(ctx.settings.secret_key.encode(), device.code, key_id)
+    row = add_signed_command(ctx, session, device, order.id, "start", body)
+    record_event(session, order.id, now, "command_queued", cmd_id=row.id)
+    return row
+
+
+def add_signed_command(
+    ctx: ServiceContext,
+    session: Session,
+    device: Device,
+    order_id: str,
+    kind: str,
+    body: StartCommandBody | StopCommandBody,
+) -> Command:
+    """Sign `body` with the device's key and add it to the outbox, due at once."""
+    key = device_key(ctx.settings.secret_key.encode(), device.code, body.key_id)
     command = sign_command(body, key, device.code)
     row = Command(
         id=command.cmd_id,
-        order_id=order.id,
+        order_id=order_id,
         device_id=device.id,
-        kind="start",
+        kind=kind,
         status="pending",
         payload=command.model_dump(mode="json"),
         attempts=0,
-        created_at=now,
-        next_attempt_at=now,
-        deadline_at=deadline,
+        created_at=body.issued_at,
+        next_attempt_at=body.issued_at,
+        deadline_at=body.expires_at,
     )
     session.add(row)
-    record_event(session, order.id, now, "command_queued", cmd_id=command.cmd_id)
     return row

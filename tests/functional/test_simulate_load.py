@@ -15,7 +15,6 @@ for handler threads, and each copy of a message still waiting is handled once.
 
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -34,6 +33,7 @@ from tests.functional.device_harness import (  # noqa: F401 (fixtures, requested
     make_agent,
     topics,
 )
+from tests.support.waiting import wait_for
 
 
 class StuckDatabase:
@@ -54,13 +54,11 @@ class StuckDatabase:
             self.handled.append((topic, payload))
 
     def wait_handled(self, count: int) -> list[tuple[str, bytes]]:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
+        def enough() -> list[tuple[str, bytes]] | None:
             with self._lock:
-                if len(self.handled) >= count:
-                    return list(self.handled)
-            time.sleep(0.02)
-        raise AssertionError(f"handled {self.handled}, expected {count} messages")
+                return list(self.handled) if len(self.handled) >= count else None
+
+        return wait_for(enough, WAIT_S, f"{count} handled messages")
 
 
 @pytest.fixture
@@ -104,11 +102,11 @@ def test_a_start_reaches_the_appliance_while_the_server_is_stuck_on_a_device_mes
     # And once the handler frees up, the appliance's acceptance is handled too
     stuck.release.set()
     ack_topic = topics.event(code, EventName.ACK)
-    deadline = time.monotonic() + WAIT_S
-    acks: list[CommandAck] = []
-    while not acks and time.monotonic() < deadline:
-        acks = [decode(CommandAck, p) for t, p in list(stuck.handled) if t == ack_topic]
-        time.sleep(0.02)
+    acks = wait_for(
+        lambda: [decode(CommandAck, p) for t, p in list(stuck.handled) if t == ack_topic],
+        WAIT_S,
+        "the acceptance handled",
+    )
     assert [(a.cmd_id, a.status) for a in acks] == [("load-1", AckStatus.ACCEPTED)]
 
 
@@ -125,10 +123,11 @@ def test_copies_of_a_device_message_still_waiting_are_handled_once_and_in_order(
     for _ in range(3):
         link.publish(run_topic, b"second", qos=1)
     link.publish(run_topic, b"third", qos=1)
-    deadline = time.monotonic() + WAIT_S
-    while link.inbox.waiting < 2 or link.inbox.dropped_copies < 2:
-        assert time.monotonic() < deadline, "the copies never arrived"
-        time.sleep(0.02)
+    wait_for(
+        lambda: link.inbox.waiting >= 2 and link.inbox.dropped_copies >= 2,
+        WAIT_S,
+        "the copies",
+    )
 
     # Then, once the handler frees up, each distinct message is handled once, in order
     stuck.release.set()
@@ -150,10 +149,7 @@ def test_an_answer_to_a_command_is_handled_before_run_events_waiting_ahead_of_it
 
     # When the answer to a start command arrives after it
     link.publish(ack_topic, b"accepted", qos=1)
-    deadline = time.monotonic() + WAIT_S
-    while link.inbox.waiting < 2:
-        assert time.monotonic() < deadline, "the messages never arrived"
-        time.sleep(0.02)
+    wait_for(lambda: link.inbox.waiting >= 2, WAIT_S, "the messages")
 
     # Then the answer is handled first: the start's deadline runs while it waits
     stuck.release.set()

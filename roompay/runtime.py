@@ -30,6 +30,7 @@ from roompay.services.webhooks import WebhookOutbox
 from roompay.settings import Settings
 from roompay.store.db import make_engine, session_factory
 from roompay.store.models import Device
+from roompay.store.writer import BatchWriter
 from roompay.workers import PeriodicWorker
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Runtime:
     engine: Engine = field(init=False)
     ctx: ServiceContext = field(init=False)
     link: MqttLink | None = field(init=False, default=None)
+    writer: BatchWriter | None = field(init=False, default=None)
     _backend_password: str | None = field(init=False, default=None, repr=False)
     _backend_hash: str = field(init=False, default="", repr=False)
     _broker_users: dict[str, str] = field(init=False, default_factory=dict, repr=False)
@@ -135,19 +137,22 @@ class Runtime:
         return parse_mqtt_url(self.mqtt_endpoint_url())
 
     def start(self) -> None:
-        """Connect to the broker and start dispatching commands."""
+        """Start the writer, connect to the broker and start dispatching commands."""
         endpoint = self.mqtt_endpoint()
-        # SQLite takes one writer at a time: more handler threads would only queue on its lock.
-        sqlite = self.settings.resolved_database_url.startswith("sqlite")
+        self.writer = BatchWriter(self.ctx.sessions)
+        self.writer.start()
+        self.ctx.writer = self.writer
+        # The handler threads only parse device messages and wait for the writer.
         self.link = MqttLink(
             endpoint,
             self.topics,
             f"roompay-server-{self.ids.token(4)}",
             self._on_message,
-            handler_threads=1 if sqlite else HANDLER_THREADS,
+            handler_threads=HANDLER_THREADS,
             repeat_window_s=REPEAT_WINDOW_S,
         )
         self.link.start(timeout_s=10)
+        self.ctx.publisher = self.link
         self._start_workers(self.link)
         log.info("server runtime started", extra={"mqtt": f"{endpoint.host}:{endpoint.port}"})
 
@@ -175,8 +180,13 @@ class Runtime:
         """Stop the workers, disconnect, stop the embedded broker, close the database."""
         for worker in self.workers:
             worker.stop()
+        self.ctx.publisher = None
         if self.link is not None:
             self.link.stop()
+        if self.writer is not None:
+            self.ctx.writer = None
+            self.writer.stop()
+            self.writer = None
         if self._broker_sync is not None:
             self._broker_sync.stop()
             self._broker_sync = None

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, ParsedTopic, bytes], None]
 """Called on a handler thread with (topic, parsed topic, payload) for each device message."""
 
-HANDLER_THREADS = 4
+HANDLER_THREADS = 8
 REPEAT_WINDOW_S = 10.0
 """The server's window: a message equal to one handled less than this long ago is a repeat."""
 

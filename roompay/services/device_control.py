@@ -156,7 +156,7 @@ def _queue_stop(
         reason=STOP_COMMAND_REASON,
         issued_at=now,
         expires_at=deadline,
-        seq=next_command_seq(session, device),
+        seq=next_command_seq(session, device.id),
         key_id=key_id,
     )
     row = add_signed_command(ctx, session, device, order.id, "stop", body)

@@ -10,9 +10,11 @@ fault code and the device's time, which is where staff find what went wrong and 
 """
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,19 +30,29 @@ from roompay.protocol.messages import (
     EndReason,
     FaultEvent,
     Heartbeat,
+    Message,
     RejectReason,
     RunEvent,
     RunEventKind,
     StateMessage,
     decode,
 )
-from roompay.protocol.topics import ParsedTopic
+from roompay.protocol.topics import EventName, ParsedTopic, TopicKind
 from roompay.services.context import ServiceContext
 from roompay.services.dispatch import fail_start
+from roompay.services.payments import insert_steps
 from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
 from roompay.services.timeline import record_event
+from roompay.store import hot_path
 from roompay.store.db import transaction
-from roompay.store.models import AuditEntry, Command, Device, Order, RunEventRecord
+from roompay.store.models import (
+    AuditEntry,
+    Command,
+    Device,
+    Order,
+    RunEventRecord,
+)
+from roompay.store.writer import AfterCommit, Job
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +65,27 @@ UNNAMED_FAULT = "unreported"
 
 def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
     """Apply one message from a device; malformed or foreign messages change nothing."""
+    job = device_message_job(ctx, topic, payload)
+    if job is not None:
+        ctx.execute(job)
+
+
+def device_message_job(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> Job[None] | None:
+    """The writer's job for one device message; None (logged) if there is nothing to do.
+
+    The payload is parsed here, on the caller's thread, so the writer only writes.
+    """
+    known = _HANDLERS.get((str(topic.kind), None if topic.name is None else str(topic.name)))
+    if known is None:
+        log.info("ignored device message on %s/%s", topic.kind, topic.name)
+        return None
+    model, handler = known
     try:
-        if topic.kind == "state":
-            _on_state(ctx, topic.code, decode(StateMessage, payload))
-        elif topic.kind == "evt" and topic.name == "ack":
-            _on_ack(ctx, topic.code, decode(CommandAck, payload))
-        elif topic.kind == "evt" and topic.name == "run":
-            _on_run(ctx, topic.code, decode(RunEvent, payload))
-        elif topic.kind == "evt" and topic.name == "boot":
-            _on_boot(ctx, topic.code, decode(BootEvent, payload))
-        elif topic.kind == "evt" and topic.name == "hb":
-            _on_heartbeat(ctx, topic.code, decode(Heartbeat, payload))
-        elif topic.kind == "evt" and topic.name == "fault":
-            _on_fault(ctx, topic.code, decode(FaultEvent, payload))
-        else:
-            log.info("ignored device message on %s/%s", topic.kind, topic.name)
+        message = decode(model, payload)
     except ProtocolError as exc:
         log.warning("bad message from device %s: %s", topic.code, exc)
+        return None
+    return lambda session, after: handler(ctx, session, after, topic.code, message)
 
 
 def _device(session: Session, code: str) -> Device | None:
@@ -81,28 +97,37 @@ def _device(session: Session, code: str) -> Device | None:
     return device
 
 
-def _on_state(ctx: ServiceContext, code: str, message: StateMessage) -> None:
+def _on_state(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, message: StateMessage
+) -> None:
     now = ctx.clock.now()
-    resend = False
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        if device is None or message.boot_id < device.boot_id:
-            return  # a stale will from an earlier boot must not overwrite a newer birth
-        device.boot_id = message.boot_id
-        device.online = message.state is DevicePresence.ONLINE
-        device.last_seen_at = now
-        if device.online:
-            resend = _resend_open_commands(session, device, now) > 0
-    if resend:
-        ctx.on_commands_queued()
+    online = message.state is DevicePresence.ONLINE
+    # A stale will from an earlier boot must not overwrite a newer birth.
+    device_id = (
+        session.connection()
+        .execute(
+            hot_path.DEVICE_PRESENCE,
+            {"p_code": code, "p_boot_id": message.boot_id, "p_online": online, "p_now": now},
+        )
+        .scalar()
+    )
+    if device_id is None:
+        _unknown_or_stale(session, after, code)
+        return
+    if online and _resend_open_commands(session, device_id, now) > 0:
+        after.add(ctx.on_commands_queued)
 
 
-def _resend_open_commands(session: Session, device: Device, now: datetime) -> int:
+def _unknown_or_stale(session: Session, after: AfterCommit, code: str) -> None:
+    known = session.connection().execute(hot_path.DEVICE_ID, {"p_code": code}).scalar()
+    if known is None:
+        after.add(lambda: log.warning("message from unknown device %s", code))
+
+
+def _resend_open_commands(session: Session, device_id: int, now: datetime) -> int:
     """Make the device's unanswered commands due now: it may have missed them offline."""
-    result = session.execute(
-        update(Command)
-        .where(Command.device_id == device.id, Command.status.in_(("pending", "sent")))
-        .values(next_attempt_at=now)
+    result = session.connection().execute(
+        hot_path.RESEND_OPEN_COMMANDS, {"p_device_id": device_id, "p_now": now}
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -119,37 +144,80 @@ def mark_silent_devices_offline(ctx: ServiceContext) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _on_boot(ctx: ServiceContext, code: str, boot: BootEvent) -> None:
+def _on_boot(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, boot: BootEvent
+) -> None:
     """A device rebooted: whatever it has not answered yet, it gets again now."""
     now = ctx.clock.now()
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        if device is None or boot.boot_id < device.boot_id:
-            return
-        device.boot_id = boot.boot_id
-        device.last_seen_at = now
-        resend = _resend_open_commands(session, device, now) > 0
-    if resend:
-        ctx.on_commands_queued()
+    device_id = (
+        session.connection()
+        .execute(hot_path.DEVICE_BOOTED, {"p_code": code, "p_boot_id": boot.boot_id, "p_now": now})
+        .scalar()
+    )
+    if device_id is None:
+        _unknown_or_stale(session, after, code)
+        return
+    if _resend_open_commands(session, device_id, now) > 0:
+        after.add(ctx.on_commands_queued)
 
 
-def _on_heartbeat(ctx: ServiceContext, code: str, _message: Heartbeat) -> None:
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        if device is not None:
-            device.last_seen_at = ctx.clock.now()
-            device.online = True
+def _on_heartbeat(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, _beat: Heartbeat
+) -> None:
+    result = session.connection().execute(
+        hot_path.HEARTBEAT, {"p_code": code, "p_now": ctx.clock.now()}
+    )
+    if not getattr(result, "rowcount", 1):
+        after.add(lambda: log.warning("message from unknown device %s", code))
 
 
-def _on_ack(ctx: ServiceContext, code: str, ack: CommandAck) -> None:
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        command = session.get(Command, ack.cmd_id, with_for_update=True)
-        if device is None or command is None or command.device_id != device.id:
-            log.warning("ack for a command %s not sent to %s", ack.cmd_id, code)
-            return
-        with order_context(command.order_id):
-            _apply_ack(ctx, session, command, ack)
+def _on_ack(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, ack: CommandAck
+) -> None:
+    if _start_accepted(ctx, session, after, code, ack):
+        return
+    device = _device(session, code)
+    command = session.get(Command, ack.cmd_id, with_for_update=True)
+    if device is None or command is None or command.device_id != device.id:
+        log.warning("ack for a command %s not sent to %s", ack.cmd_id, code)
+        return
+    with order_context(command.order_id):
+        _apply_ack(ctx, session, command, ack)
+
+
+def _start_accepted(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, ack: CommandAck
+) -> bool:
+    """The common answer, in two statements: the device accepted a start still open.
+
+    False (nothing written) for every other answer; `_apply_ack` knows them all.
+    """
+    accepted = ack.status is AckStatus.ACCEPTED or (
+        ack.status is AckStatus.DUPLICATE and ack.run_id is not None
+    )
+    if not accepted:
+        return False
+    now = ctx.clock.now()
+    conn = session.connection()
+    row = conn.execute(
+        hot_path.ACCEPT_START,
+        {"p_cmd_id": ack.cmd_id, "p_code": code, "p_now": now, "p_answer": _answer(ack)},
+    ).first()
+    if row is None:
+        return False
+    detail = {"cmd_id": ack.cmd_id, "run_id": ack.run_id}
+    conn.execute(
+        hot_path.INSERT_STEPS,
+        {"order_id": row.order_id, "at": now, "event": "command_accepted", "detail": detail},
+    )
+    # The command was written in the very transaction that took the payment.
+    waited = (now - row.created_at).total_seconds()
+    after.add(lambda: ctx.metrics.command_seconds.observe(waited))
+    return True
+
+
+def _answer(ack: CommandAck) -> str:
+    return (ack.status.value if ack.reason is None else f"{ack.status}:{ack.reason}")[:64]
 
 
 def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: CommandAck) -> None:
@@ -157,7 +225,7 @@ def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: Com
         return  # already answered; a duplicate answer changes nothing
     now = ctx.clock.now()
     command.answered_at = now
-    command.answer = (ack.status.value if ack.reason is None else f"{ack.status}:{ack.reason}")[:64]
+    command.answer = _answer(ack)
     # A `duplicate` repeats the device's first answer: a rejection if it names a reason
     # and no run, an acceptance if it names the run.
     rejected = ack.status is AckStatus.REJECTED or (
@@ -184,33 +252,107 @@ def _apply_ack(ctx: ServiceContext, session: Session, command: Command, ack: Com
         ctx.metrics.command_seconds.observe((now - order.paid_at).total_seconds())
 
 
-def _on_run(ctx: ServiceContext, code: str, event: RunEvent) -> None:
+def _on_run(
+    ctx: ServiceContext, session: Session, after: AfterCommit, code: str, event: RunEvent
+) -> None:
     with order_context(event.order_id):
-        if _apply_run_event(ctx, code, event):
-            # Stored (now or before): the device may drop it from its outbox.
-            ctx.on_run_event_stored(code, event.run_id, event.seq)
+        stored = _run_event_fast(ctx, session, code, event)
+        if stored is None:
+            stored = _apply_run_event(ctx, session, code, event)
+    if stored:
+        # Stored (now or before): the device may drop it from its outbox.
+        after.add(lambda: ctx.on_run_event_stored(code, event.run_id, event.seq))
 
 
-def _apply_run_event(ctx: ServiceContext, code: str, event: RunEvent) -> bool:
+def _apply_run_event(ctx: ServiceContext, session: Session, code: str, event: RunEvent) -> bool:
     """Apply a run event once; tell whether it is stored (False: not this device's)."""
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        order = session.get(Order, event.order_id, with_for_update=True)
-        if device is None or order is None or order.device_id != device.id:
-            log.warning("run event for an order %s not placed on %s", event.order_id, code)
-            return False
-        if not _first_time(ctx, session, device, order, event):
-            return True
-        if event.event is RunEventKind.STARTED:
-            _started(ctx, session, device, order, event)
-        elif event.event is RunEventKind.ENDED:
-            _ended(ctx, session, device, order, event)
-            if event.reason is EndReason.FAULT and device.state != "fault":
-                # The device ends a run as `fault` only when it has marked itself faulted.
-                _apply_fault(
-                    session, device, UNNAMED_FAULT, True, event.ts, ctx.clock.now(), "run_ended"
-                )
+    device = _device(session, code)
+    order = session.get(Order, event.order_id, with_for_update=True)
+    if device is None or order is None or order.device_id != device.id:
+        log.warning("run event for an order %s not placed on %s", event.order_id, code)
+        return False
+    if not _first_time(ctx, session, device, order, event):
         return True
+    if event.event is RunEventKind.STARTED:
+        _started(ctx, session, device, order, event)
+    elif event.event is RunEventKind.ENDED:
+        _ended(ctx, session, device, order, event)
+        if event.reason is EndReason.FAULT and device.state != "fault":
+            # The device ends a run as `fault` only when it has marked itself faulted.
+            _apply_fault(
+                session, device, UNNAMED_FAULT, True, event.ts, ctx.clock.now(), "run_ended"
+            )
+    return True
+
+
+def _run_event_fast(
+    ctx: ServiceContext, session: Session, code: str, event: RunEvent
+) -> bool | None:
+    """`started`, and `ended` as completed, in five Core statements; None: not handled.
+
+    The common runs of an order without refunds. None (nothing written) for another
+    kind of event, someone else's order, or an order not in the state the event moves it
+    from: `_apply_run_event` knows those. A repeat is stored already: True.
+    """
+    if event.event is RunEventKind.STARTED:
+        moves_from = OrderStatus.PAID
+    elif event.event is RunEventKind.ENDED and event.reason is EndReason.COMPLETED:
+        moves_from = OrderStatus.RUNNING
+    else:
+        return None
+    conn = session.connection()
+    order = conn.execute(hot_path.RUN_ORDER, {"p_order_id": event.order_id, "p_code": code}).first()
+    if order is None or order.status != moves_from.value or order.refunds:
+        return None
+    now = ctx.clock.now()
+    kept = conn.execute(
+        hot_path.KEEP_RUN_EVENT[conn.dialect.name],
+        {
+            "p_order_id": event.order_id,
+            "p_device_id": order.device_id,
+            "p_run_id": event.run_id,
+            "p_event": event.event.value,
+            "p_seq": event.seq,
+            "p_elapsed_s": event.elapsed_s,
+            "p_remaining_s": event.remaining_s,
+            "p_reported_at": event.ts,
+            "p_received_at": now,
+        },
+    ).scalar()
+    if kept is None:
+        return True  # seen before: stored, nothing more to do
+    if moves_from is OrderStatus.PAID:
+        step = _start_run(conn, order.device_id, event)
+    else:
+        step = _complete_run(conn, order.device_id, event)
+    insert_steps(session, event.order_id, now, [step], webhooks=order.webhook_endpoint is not None)
+    return True
+
+
+def _start_run(conn: Connection, device_id: int, event: RunEvent) -> tuple[str, dict[str, Any]]:
+    """The order runs, and the appliance with it."""
+    conn.execute(hot_path.START_RUN_ORDER, {"p_order_id": event.order_id, "p_at": event.ts})
+    conn.execute(
+        hot_path.START_RUN_DEVICE, {"p_device_id": device_id, "p_order_id": event.order_id}
+    )
+    return "started", {"run_id": event.run_id}
+
+
+def _complete_run(conn: Connection, device_id: int, event: RunEvent) -> tuple[str, dict[str, Any]]:
+    """The run ended as paid for: the order is completed, the appliance free again."""
+    actual = event.actual_run_s if event.actual_run_s is not None else event.elapsed_s
+    reason = EndReason.COMPLETED.value
+    conn.execute(
+        hot_path.COMPLETE_RUN_ORDER,
+        {
+            "p_order_id": event.order_id,
+            "p_at": event.ts,
+            "p_actual_run_s": actual,
+            "p_end_reason": reason,
+        },
+    )
+    conn.execute(hot_path.FREE_DEVICE, {"p_device_id": device_id, "p_order_id": event.order_id})
+    return "ended", {"reason": reason, "actual_run_s": actual}
 
 
 def _first_time(
@@ -286,13 +428,14 @@ def _ended(
     settle_order_status(session, order.id)
 
 
-def _on_fault(ctx: ServiceContext, code: str, report: FaultEvent) -> None:
+def _on_fault(
+    ctx: ServiceContext, session: Session, _after: AfterCommit, code: str, report: FaultEvent
+) -> None:
     now = ctx.clock.now()
-    with transaction(ctx.sessions) as session:
-        device = _device(session, code)
-        if device is not None:
-            device.last_seen_at = now
-            _apply_fault(session, device, report.fault, report.active, report.ts, now, "device")
+    device = _device(session, code)
+    if device is not None:
+        device.last_seen_at = now
+        _apply_fault(session, device, report.fault, report.active, report.ts, now, "device")
 
 
 def _apply_fault(
@@ -344,3 +487,15 @@ def _apply_fault(
             detail={"fault": fault, "reported_at": reported_at.isoformat(), "source": source},
         )
     )
+
+
+_Handler = Callable[[ServiceContext, Session, AfterCommit, str, Any], None]
+_HANDLERS: dict[tuple[str, str | None], tuple[type[Message], _Handler]] = {
+    (TopicKind.STATE, None): (StateMessage, _on_state),
+    (TopicKind.EVT, EventName.ACK): (CommandAck, _on_ack),
+    (TopicKind.EVT, EventName.RUN): (RunEvent, _on_run),
+    (TopicKind.EVT, EventName.BOOT): (BootEvent, _on_boot),
+    (TopicKind.EVT, EventName.HB): (Heartbeat, _on_heartbeat),
+    (TopicKind.EVT, EventName.FAULT): (FaultEvent, _on_fault),
+}
+"""What each device topic carries, and the job that applies it."""

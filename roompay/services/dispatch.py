@@ -8,14 +8,13 @@ PostgreSQL, so several server processes can dispatch side by side.
 
 import logging
 from datetime import timedelta
-from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roompay.logs import order_context
-from roompay.protocol.messages import RunAck, StartCommand, StopCommand
-from roompay.services.context import ServiceContext
+from roompay.protocol.messages import StartCommand, StopCommand
+from roompay.services.context import CommandPublisher, ServiceContext
 from roompay.services.refunds import paid_total, request_refund
 from roompay.services.timeline import record_event
 from roompay.store.db import transaction
@@ -24,27 +23,6 @@ from roompay.store.models import Command, Device, Order
 log = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("pending", "sent")
-
-
-class CommandPublisher(Protocol):
-    """Sends commands to devices (the MQTT link, in production)."""
-
-    @property
-    def connected(self) -> bool:
-        """Tell whether commands can be sent now."""
-        ...
-
-    def publish_start(self, code: str, command: StartCommand) -> None:
-        """Send a start command to the device with this code."""
-        ...
-
-    def publish_stop(self, code: str, command: StopCommand) -> None:
-        """Send a stop command to the device with this code."""
-        ...
-
-    def publish_run_ack(self, code: str, ack: RunAck) -> None:
-        """Tell the device its run events up to `ack.seq` are stored."""
-        ...
 
 
 def dispatch_due(ctx: ServiceContext, publisher: CommandPublisher, batch: int = 200) -> int:

@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Connection, func, select
 from sqlalchemy.orm import Session
 
 from roompay.domain import ledger as rules
 from roompay.domain.ledger import EntryKind, FeeSchedule, HotelContract, Line, Posting
+from roompay.store import hot_path
 from roompay.store.models import HotelContract as ContractRow
 from roompay.store.models import LedgerEntry, LedgerLine, Order, ProviderFeeSchedule, Refund
 
@@ -107,28 +108,67 @@ def post(
     if existing is not None:
         return existing
     entry = LedgerEntry(
-        kind=posting.kind.value,
-        source_key=posting.source_key,
-        posted_at=now,
-        occurred_at=occurred_at,
-        booked_on=booked_on or rules.beijing_day(occurred_at),
-        order_id=order_id,
-        hotel_id=hotel_id,
-        wallet=wallet,
+        **_entry_row(posting, now, occurred_at, hotel_id, order_id, wallet, booked_on)
     )
     session.add(entry)
     session.flush()
-    session.add_all(
-        LedgerLine(
-            entry_id=entry.id,
-            account=line.account,
-            debit_fen=line.debit_fen,
-            credit_fen=line.credit_fen,
-        )
-        for line in posting.lines
-    )
+    session.add_all(LedgerLine(**row) for row in _line_rows(entry.id, posting))
     session.flush()
     return entry
+
+
+def insert_entry(
+    connection: Connection,
+    posting: Posting,
+    *,
+    now: datetime,
+    occurred_at: datetime,
+    hotel_id: int,
+    order_id: str | None,
+    wallet: str | None,
+) -> int:
+    """Write a new balanced entry with two statements and no ORM; return its id.
+
+    For a cause that happens once by construction (a payment, under the order's row
+    lock); the unique (kind, source key) refuses a second entry all the same.
+    """
+    row = _entry_row(posting, now, occurred_at, hotel_id, order_id, wallet, None)
+    entry_id = connection.execute(hot_path.INSERT_ENTRY, row).scalar_one()
+    connection.execute(hot_path.INSERT_LINES, _line_rows(entry_id, posting))
+    return int(entry_id)
+
+
+def _entry_row(
+    posting: Posting,
+    now: datetime,
+    occurred_at: datetime,
+    hotel_id: int,
+    order_id: str | None,
+    wallet: str | None,
+    booked_on: date | None,
+) -> dict[str, object]:
+    return {
+        "kind": posting.kind.value,
+        "source_key": posting.source_key,
+        "posted_at": now,
+        "occurred_at": occurred_at,
+        "booked_on": booked_on or rules.beijing_day(occurred_at),
+        "order_id": order_id,
+        "hotel_id": hotel_id,
+        "wallet": wallet,
+    }
+
+
+def _line_rows(entry_id: int, posting: Posting) -> list[dict[str, object]]:
+    return [
+        {
+            "entry_id": entry_id,
+            "account": line.account,
+            "debit_fen": line.debit_fen,
+            "credit_fen": line.credit_fen,
+        }
+        for line in posting.lines
+    ]
 
 
 def find_entry(session: Session, kind: EntryKind, source_key: str) -> LedgerEntry | None:

@@ -10,22 +10,26 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
 
+from roompay.domain import ledger as rules
 from roompay.domain.catalog import Wallet
 from roompay.domain.orders import OrderStatus, can_move
 from roompay.logs import order_context
 from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
-from roompay.protocol.messages import StartCommandBody, StopCommandBody
-from roompay.protocol.signing import device_key, sign_command
+from roompay.protocol.messages import StartCommand, StartCommandBody, StopCommandBody
+from roompay.protocol.signing import DEFAULT_KEY_ID, device_key, sign_command
 from roompay.services.context import ServiceContext
-from roompay.services.ledger import post_payment
+from roompay.services.ledger import insert_entry, post_payment
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
-from roompay.store.db import transaction
+from roompay.services.webhooks import Step, queue_deliveries
+from roompay.store import hot_path
 from roompay.store.models import Command, Device, Order, PaymentNotice
+from roompay.store.writer import AfterCommit, Job
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +103,50 @@ class NotifyResult:
 
 def handle_notification(ctx: ServiceContext, notice: PaymentNotification) -> NotifyResult:
     """Apply a verified payment notification exactly once."""
-    with order_context(notice.out_trade_no):
+    return ctx.execute(notification_job(ctx, notice))
+
+
+def notification_job(ctx: ServiceContext, notice: PaymentNotification) -> Job[NotifyResult]:
+    """The writer's job for a verified payment notification."""
+    evidence_job = _evidence_job(ctx, PaymentEvidence.from_notification(notice))
+
+    def job(session: Session, after: AfterCommit) -> NotifyResult:
         if not notice.merchant_ok:
-            log.warning("notification for another merchant or app refused")
+            after.add(lambda: log.warning("notification for another merchant or app refused"))
             return NotifyResult(NotifyOutcome.REJECTED_MERCHANT)
-        return NotifyResult(apply_evidence(ctx, PaymentEvidence.from_notification(notice)))
+        return NotifyResult(evidence_job(session, after))
+
+    return job
 
 
 def apply_evidence(ctx: ServiceContext, evidence: PaymentEvidence) -> NotifyOutcome:
-    """Apply payment evidence in its own transaction and log the outcome."""
-    with transaction(ctx.sessions) as session:
-        outcome = _apply(ctx, session, evidence)
-    if outcome in REFUSED:
-        log.warning("payment evidence refused: %s", outcome)
-    else:
-        log.info("payment evidence handled: %s", outcome)
-    if outcome is NotifyOutcome.PAID:
-        ctx.on_commands_queued()
-    elif outcome in (NotifyOutcome.PAID_LATE_REFUNDING, NotifyOutcome.FLAGGED_AMOUNT):
+    """Apply payment evidence (a notify's or a query's) exactly once."""
+    return ctx.execute(_evidence_job(ctx, evidence))
+
+
+def _evidence_job(ctx: ServiceContext, evidence: PaymentEvidence) -> Job[NotifyOutcome]:
+    def job(session: Session, after: AfterCommit) -> NotifyOutcome:
+        with order_context(evidence.out_trade_no):
+            outcome = pay_and_start(ctx, session, evidence, after)
+            if outcome is None:
+                outcome = _apply(ctx, session, evidence)
+                if outcome is NotifyOutcome.PAID:
+                    after.add(ctx.on_commands_queued)
+        after.add(lambda: _report(ctx, evidence.out_trade_no, outcome))
+        return outcome
+
+    return job
+
+
+def _report(ctx: ServiceContext, order_id: str, outcome: NotifyOutcome) -> None:
+    """Log a committed outcome and wake the refund worker if money is owed back."""
+    with order_context(order_id):
+        if outcome in REFUSED:
+            log.warning("payment evidence refused: %s", outcome)
+        else:
+            log.info("payment evidence handled: %s", outcome)
+    if outcome in (NotifyOutcome.PAID_LATE_REFUNDING, NotifyOutcome.FLAGGED_AMOUNT):
         ctx.on_refunds_queued()
-    return outcome
 
 
 def _apply(ctx: ServiceContext, session: Session, evidence: PaymentEvidence) -> NotifyOutcome:
@@ -160,19 +188,7 @@ def _remember(
     order_id: str | None,
     outcome: NotifyOutcome,
 ) -> None:
-    session.add(
-        PaymentNotice(
-            wallet=evidence.wallet.value,
-            notification_id=evidence.source_id[:128],
-            out_trade_no=evidence.out_trade_no,
-            provider_trade_no=evidence.provider_trade_no,
-            amount_fen=evidence.amount_fen,
-            trade_state=evidence.state.value,
-            order_id=order_id,
-            outcome=outcome.value,
-            received_at=ctx.clock.now(),
-        )
-    )
+    session.add(PaymentNotice(**_notice_row(evidence, order_id, outcome, ctx.clock.now())))
 
 
 def _mark_paid(
@@ -233,15 +249,22 @@ def _honour_late(ctx: ServiceContext, session: Session, order: Order) -> bool:
     return device.online and device.state == "idle" and device.current_order_id is None
 
 
-def next_command_seq(session: Session, device: Device) -> int:
-    """The device's next command sequence number; the caller holds the device's row lock.
+def next_command_seq(session: Session, device_id: int) -> int:
+    """Take the device's next command sequence number; the row stays locked until commit.
 
-    Commands are never deleted, so their count rises with every command issued.
+    One UPDATE both locks the device and counts on from its last number, so two
+    transactions issuing commands to one device never take the same number.
     """
-    issued = session.scalar(
-        select(func.count()).select_from(Command).where(Command.device_id == device.id)
+    return int(
+        session.connection()
+        .execute(
+            update(Device)
+            .where(Device.id == device_id)
+            .values(command_seq=Device.command_seq + 1)
+            .returning(Device.command_seq)
+        )
+        .scalar_one()
     )
-    return int(issued or 0) + 1
 
 
 def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
@@ -262,7 +285,7 @@ def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
         duration_s=order.duration_s,
         issued_at=now,
         expires_at=deadline,
-        seq=next_command_seq(session, device),
+        seq=next_command_seq(session, device.id),
         key_id=key_id,
     )
     row = add_signed_command(ctx, session, device, order.id, "start", body)
@@ -295,3 +318,188 @@ def add_signed_command(
     )
     session.add(row)
     return row
+
+
+# --- the common case in a few statements ------------------------------------------------
+#
+# A first payment, of the right amount, for an order still awaiting it: by far the most
+# frequent evidence, and the one a guest waits on. It is applied with the prepared Core
+# statements of `store.hot_path` (no ORM unit of work): a conditional UPDATE locks the
+# order and moves it to paid; then the terms in force, the device's next sequence
+# number, the ledger entry, the signed command, the steps and the notice. Anything else
+# returns None before writing and takes the ORM path above, which knows every other case.
+
+
+def pay_and_start(
+    ctx: ServiceContext, session: Session, evidence: PaymentEvidence, after: AfterCommit
+) -> NotifyOutcome | None:
+    """Apply the common case (see above); None if this evidence is not it."""
+    if evidence.state is not TradeState.SUCCESS:
+        return None
+    now = ctx.clock.now()
+    paid_at = evidence.paid_at or now
+    conn = session.connection()
+    order_id, wallet = evidence.out_trade_no, evidence.wallet.value
+    order = conn.execute(
+        hot_path.PAY_ORDER,
+        {
+            "p_order_id": order_id,
+            "p_wallet": wallet,
+            "p_amount_fen": evidence.amount_fen,
+            "p_paid_at": paid_at,
+            "p_provider_trade_no": evidence.provider_trade_no,
+        },
+    ).first()
+    if order is None:
+        return None
+    terms = conn.execute(
+        hot_path.PAYMENT_TERMS,
+        {"p_hotel_id": order.hotel_id, "p_wallet": wallet, "p_day": rules.beijing_day(paid_at)},
+    ).one()
+    posting = rules.payment_posting(
+        order_id, wallet, order.hotel_id, evidence.amount_fen, _fees(terms), _contract(terms)
+    )
+    insert_entry(
+        conn,
+        posting,
+        now=now,
+        occurred_at=paid_at,
+        hotel_id=order.hotel_id,
+        order_id=order_id,
+        wallet=wallet,
+    )
+    publisher = ctx.publisher_ready()
+    command = _write_start_command(ctx, conn, order_id, order, now, sent=publisher is not None)
+    source = "query" if evidence.source_id.startswith("query:") else "notify"
+    steps: list[tuple[str, dict[str, Any]]] = [
+        (
+            "paid",
+            {"provider_trade_no": evidence.provider_trade_no, "late": False, "source": source},
+        ),
+        ("command_queued", {"cmd_id": command.cmd_id}),
+    ]
+    if publisher is not None:
+        steps.append(("command_sent", {"cmd_id": command.cmd_id}))
+    insert_steps(session, order_id, now, steps, webhooks=terms.webhook_endpoint is not None)
+    conn.execute(hot_path.INSERT_NOTICE, _notice_row(evidence, order_id, NotifyOutcome.PAID, now))
+    if publisher is not None:
+        code = command.device
+        after.add(lambda: publisher.publish_start(code, command.signed))
+    else:
+        after.add(ctx.on_commands_queued)
+    return NotifyOutcome.PAID
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A start command as written to the outbox, and where it goes."""
+
+    cmd_id: str
+    device: str
+    signed: StartCommand
+
+
+def _write_start_command(
+    ctx: ServiceContext, conn: Connection, order_id: str, order: Any, now: datetime, *, sent: bool
+) -> _Written:
+    """Sign the order's start command and write it: `sent` if it goes out at commit.
+
+    `order` is the row `PAY_ORDER` returned (device, program, duration).
+    """
+    deadline = now + timedelta(seconds=ctx.settings.start_deadline_s)
+    seq, code, key_id = conn.execute(
+        hot_path.NEXT_COMMAND_SEQ, {"p_device_id": order.device_id}
+    ).one()
+    body = StartCommandBody(
+        v=1,
+        cmd_id=ctx.ids.token(12),
+        order_id=order_id,
+        program=order.program_code,
+        duration_s=order.duration_s,
+        issued_at=now,
+        expires_at=deadline,
+        seq=seq,
+        key_id=key_id or DEFAULT_KEY_ID,
+    )
+    key = device_key(ctx.settings.secret_key.encode(), code, body.key_id)
+    command = sign_command(body, key, code)
+    resend = timedelta(seconds=ctx.settings.command_resend_s)
+    conn.execute(
+        hot_path.INSERT_COMMAND,
+        {
+            "id": command.cmd_id,
+            "order_id": order_id,
+            "device_id": order.device_id,
+            "kind": "start",
+            "status": "sent" if sent else "pending",
+            "payload": command.model_dump(mode="json"),
+            "attempts": 1 if sent else 0,
+            "created_at": now,
+            "next_attempt_at": now + resend if sent else now,
+            "deadline_at": deadline,
+            "sent_at": now if sent else None,
+        },
+    )
+    return _Written(command.cmd_id, code, command)
+
+
+def _contract(terms: Any) -> rules.HotelContract:
+    if terms.c_effective_from is None:
+        raise rules.LedgerError("no hotel contract in force")
+    return rules.HotelContract(
+        terms.c_effective_from,
+        terms.c_share_bp,
+        rules.ShareBasis(terms.c_basis),
+        terms.c_min_monthly_guarantee_fen,
+    )
+
+
+def _fees(terms: Any) -> rules.FeeSchedule:
+    if terms.f_effective_from is None:
+        raise rules.LedgerError("no provider fee schedule in force")
+    return rules.FeeSchedule(
+        terms.f_effective_from, terms.f_rate_bp, rules.RefundFeeRule(terms.f_refund_rule)
+    )
+
+
+def insert_steps(
+    session: Session,
+    order_id: str,
+    at: datetime,
+    steps: list[tuple[str, dict[str, Any]]],
+    *,
+    webhooks: bool,
+) -> None:
+    """Append steps to an order's timeline in one statement; queue their webhooks if asked.
+
+    `webhooks` says the order's hotel has an active endpoint (the caller has read it).
+    """
+    rows = [
+        {"order_id": order_id, "at": at, "event": name, "detail": detail} for name, detail in steps
+    ]
+    conn = session.connection()
+    if not webhooks:
+        conn.execute(hot_path.INSERT_STEPS, rows)
+        return
+    ids = conn.execute(hot_path.INSERT_STEPS_RETURNING_IDS, rows).scalars()
+    queue_deliveries(
+        session,
+        [Step(step_id, order_id, name) for step_id, (name, _) in zip(ids, steps, strict=True)],
+        at,
+    )
+
+
+def _notice_row(
+    evidence: PaymentEvidence, order_id: str | None, outcome: NotifyOutcome, now: datetime
+) -> dict[str, Any]:
+    return {
+        "wallet": evidence.wallet.value,
+        "notification_id": evidence.source_id[:128],
+        "out_trade_no": evidence.out_trade_no,
+        "provider_trade_no": evidence.provider_trade_no,
+        "amount_fen": evidence.amount_fen,
+        "trade_state": evidence.state.value,
+        "order_id": order_id,
+        "outcome": outcome.value,
+        "received_at": now,
+    }

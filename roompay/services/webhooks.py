@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -119,10 +119,12 @@ def install_outbox(
 
     def after_flush(session: Session, _context: object) -> None:
         steps = [
-            obj for obj in session.new if isinstance(obj, OrderEvent) and obj.event in RECORD_EVENTS
+            Step(obj.id, obj.order_id, obj.event)
+            for obj in session.new
+            if isinstance(obj, OrderEvent) and obj.event in RECORD_EVENTS
         ]
-        if steps and _queue(session, steps, clock.now()):
-            session.info[_QUEUED] = True
+        if steps:
+            queue_deliveries(session, steps, clock.now())
 
     def after_commit(session: Session) -> None:
         if session.info.pop(_QUEUED, False):
@@ -136,7 +138,28 @@ def install_outbox(
     event.listen(sessions, "after_soft_rollback", after_rollback)
 
 
-def _queue(session: Session, steps: list[OrderEvent], now: datetime) -> bool:
+@dataclass(frozen=True, slots=True)
+class Step:
+    """An order step just written in the current transaction."""
+
+    id: int
+    order_id: str
+    event: str
+
+
+def queue_deliveries(session: Session, steps: Sequence[Step], now: datetime) -> None:
+    """Queue these new steps for their hotels' endpoints, in the caller's transaction.
+
+    The ORM hook above calls it for steps the session flushes; code that writes steps
+    with Core calls it itself, and only for a hotel it knows has an active endpoint.
+    Steps that are not consumption records, or whose hotel has no endpoint, are skipped.
+    """
+    records = [step for step in steps if step.event in RECORD_EVENTS]
+    if records and _queue(session, records, now):
+        session.info[_QUEUED] = True
+
+
+def _queue(session: Session, steps: Sequence[Step], now: datetime) -> bool:
     """Insert the deliveries of these new steps; tell whether there were any."""
     order_ids = {step.order_id for step in steps}
     targets = {

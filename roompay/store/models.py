@@ -110,6 +110,8 @@ class Device(Base):
     credentials_issued_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # Which command key the device holds; the key is derived from the server secret.
     key_id: Mapped[str | None] = mapped_column(String(16))
+    # The sequence number of the last command issued to the device (it rises by one).
+    command_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Program(Base):

@@ -1,14 +1,19 @@
 """Request-scoped access to the runtime and the caller's identity."""
 
-from typing import Annotated
+import asyncio
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import OAuth2PasswordBearer
 
 from roompay.runtime import Runtime
 from roompay.services.auth import Principal, read_token
 from roompay.services.context import ServiceContext
 from roompay.services.errors import ErrorKind, ServiceError
+from roompay.store.writer import Job
+
+T = TypeVar("T")
 
 oauth2 = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 
@@ -22,6 +27,13 @@ def get_runtime(request: Request) -> Runtime:
 def get_ctx(request: Request) -> ServiceContext:
     """The services' collaborators."""
     return get_runtime(request).ctx
+
+
+async def run_job(ctx: ServiceContext, job: Job[T]) -> T:
+    """Run a writer job without holding a thread of the pool while it waits its turn."""
+    if ctx.writer is not None:
+        return await asyncio.wrap_future(ctx.writer.submit(job))
+    return await run_in_threadpool(ctx.execute, job)
 
 
 def get_principal(

@@ -12,9 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from roompay.domain.catalog import Wallet
 from roompay.payments.errors import NotificationRejectedError
-from roompay.services.payments import handle_notification
+from roompay.services.payments import notification_job
 from roompay.services.refunds import apply_refund_notice
-from roompay.web.deps import get_ctx
+from roompay.web.deps import get_ctx, run_job
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ async def _handle(request: Request, wallet: Wallet) -> Response:
         reply = provider.reply_fail("verification failed")
         # 400 whatever the provider: the notify is not ours to accept.
         return Response(reply.body, status_code=400, media_type=reply.media_type)
-    result = await run_in_threadpool(handle_notification, ctx, notice)
+    result = await run_job(ctx, notification_job(ctx, notice))
     elapsed = time.perf_counter() - started
     ctx.metrics.notify_seconds.labels(wallet.value, result.outcome.value).observe(elapsed)
     reply = provider.reply_ok() if result.acknowledge else provider.reply_fail(result.outcome.value)

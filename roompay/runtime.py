@@ -30,7 +30,7 @@ from roompay.services.webhooks import WebhookOutbox
 from roompay.settings import Settings
 from roompay.store.db import make_engine, session_factory
 from roompay.store.models import Device
-from roompay.store.writer import BatchWriter
+from roompay.store.writer import StripedWriter
 from roompay.workers import PeriodicWorker
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # How often the embedded broker's accounts are compared with the database (`roompay
 # device add` and `device rotate-password` run in other processes).
 BROKER_ACCOUNTS_REFRESH_S = 2.0
+WRITER_STRIPES = 4
+"""Writers on PostgreSQL: transactions in flight at once (SQLite has one writer)."""
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Runtime:
     engine: Engine = field(init=False)
     ctx: ServiceContext = field(init=False)
     link: MqttLink | None = field(init=False, default=None)
-    writer: BatchWriter | None = field(init=False, default=None)
+    writer: StripedWriter | None = field(init=False, default=None)
     _backend_password: str | None = field(init=False, default=None, repr=False)
     _backend_hash: str = field(init=False, default="", repr=False)
     _broker_users: dict[str, str] = field(init=False, default_factory=dict, repr=False)
@@ -139,7 +141,8 @@ class Runtime:
     def start(self) -> None:
         """Start the writer, connect to the broker and start dispatching commands."""
         endpoint = self.mqtt_endpoint()
-        self.writer = BatchWriter(self.ctx.sessions)
+        stripes = 1 if self.engine.dialect.name == "sqlite" else WRITER_STRIPES
+        self.writer = StripedWriter(self.ctx.sessions, stripes)
         self.writer.start()
         self.ctx.writer = self.writer
         # The handler threads only parse device messages and wait for the writer.

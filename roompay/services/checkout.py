@@ -136,6 +136,7 @@ def _insert_order(ctx: ServiceContext, session: Session, request: CheckoutReques
     )
     session.add(order)
     session.flush()
+    ctx.order_devices.remember(order.id, device.code)
     record_event(
         session, order.id, now, "created", wallet=order.wallet, amount_fen=order.amount_fen
     )

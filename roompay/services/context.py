@@ -1,5 +1,7 @@
 """The collaborators every use case gets, built once by the composition root."""
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -12,7 +14,7 @@ from roompay.payments.base import PaymentProvider
 from roompay.protocol.messages import RunAck, StartCommand, StopCommand
 from roompay.services.metrics import Metrics
 from roompay.settings import Settings
-from roompay.store.writer import BatchWriter, Job, run_alone
+from roompay.store.writer import Job, StripedWriter, run_alone
 
 T = TypeVar("T")
 
@@ -38,6 +40,31 @@ class CommandPublisher(Protocol):
         ...
 
 
+class OrderDevices:
+    """The appliance of each recent checkout, so a payment finds its writer without a query.
+
+    An order's appliance never changes; only the newest `limit` are kept (a payment
+    for an older one looks its appliance up).
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._limit = limit
+        self._codes: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, order_id: str, device_code: str) -> None:
+        """Note the appliance an order is for."""
+        with self._lock:
+            self._codes[order_id] = device_code
+            if len(self._codes) > self._limit:
+                self._codes.popitem(last=False)
+
+    def get(self, order_id: str) -> str | None:
+        """The appliance's code, if the order is a recent one."""
+        with self._lock:
+            return self._codes.get(order_id)
+
+
 @dataclass
 class ServiceContext:
     """Settings, database sessions, clock, ids and providers for the use cases."""
@@ -54,19 +81,23 @@ class ServiceContext:
     # Called after a run event is stored, to acknowledge it to the device (code, run, seq).
     on_run_event_stored: Callable[[str, str, int], None] = field(default=lambda *_: None)
     # The hot path's writer (payments, device messages); None: each job alone, inline.
-    writer: BatchWriter | None = None
+    writer: StripedWriter | None = None
     # Sends a start command as soon as the transaction that wrote it commits; None (or
     # not connected): the dispatcher sends it.
     publisher: CommandPublisher | None = None
+    order_devices: OrderDevices = field(default_factory=OrderDevices)
 
     def provider(self, wallet: Wallet) -> PaymentProvider:
         """Return the provider for a wallet; raises KeyError if it is not configured."""
         return self.providers[wallet]
 
-    def execute(self, job: Job[T]) -> T:
-        """Run a job through the writer, or alone in its own transaction if there is none."""
+    def execute(self, job: Job[T], key: str) -> T:
+        """Run a job through the writer, or alone in its own transaction if there is none.
+
+        `key` is the code of the appliance the job is about (see `StripedWriter`).
+        """
         if self.writer is not None:
-            return self.writer.run(job)
+            return self.writer.run(job, key)
         return run_alone(self.sessions, job)
 
     def publisher_ready(self) -> CommandPublisher | None:

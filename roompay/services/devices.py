@@ -43,6 +43,7 @@ from roompay.services.dispatch import fail_start
 from roompay.services.payments import insert_steps
 from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
 from roompay.services.timeline import record_event
+from roompay.services.webhooks import Step, queue_deliveries
 from roompay.store import hot_path
 from roompay.store.db import transaction
 from roompay.store.models import (
@@ -67,7 +68,7 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
     """Apply one message from a device; malformed or foreign messages change nothing."""
     job = device_message_job(ctx, topic, payload)
     if job is not None:
-        ctx.execute(job)
+        ctx.execute(job, topic.code)
 
 
 def device_message_job(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> Job[None] | None:
@@ -199,17 +200,23 @@ def _start_accepted(
         return False
     now = ctx.clock.now()
     conn = session.connection()
-    row = conn.execute(
-        hot_path.ACCEPT_START,
-        {"p_cmd_id": ack.cmd_id, "p_code": code, "p_now": now, "p_answer": _answer(ack)},
-    ).first()
-    if row is None:
-        return False
+    params = {"p_cmd_id": ack.cmd_id, "p_code": code, "p_now": now, "p_answer": _answer(ack)}
     detail = {"cmd_id": ack.cmd_id, "run_id": ack.run_id}
-    conn.execute(
-        hot_path.INSERT_STEPS,
-        {"order_id": row.order_id, "at": now, "event": "command_accepted", "detail": detail},
-    )
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(
+            hot_path.ACCEPT_START_RECORDED,
+            params | {"p_step_event": "command_accepted", "p_step_detail": detail},
+        ).first()
+        if row is None:
+            return False
+    else:
+        row = conn.execute(hot_path.ACCEPT_START, params).first()
+        if row is None:
+            return False
+        conn.execute(
+            hot_path.INSERT_STEPS,
+            {"order_id": row.order_id, "at": now, "event": "command_accepted", "detail": detail},
+        )
     # The command was written in the very transaction that took the payment.
     waited = (now - row.created_at).total_seconds()
     after.add(lambda: ctx.metrics.command_seconds.observe(waited))
@@ -305,28 +312,66 @@ def _run_event_fast(
     if order is None or order.status != moves_from.value or order.refunds:
         return None
     now = ctx.clock.now()
-    kept = conn.execute(
-        hot_path.KEEP_RUN_EVENT[conn.dialect.name],
-        {
-            "p_order_id": event.order_id,
-            "p_device_id": order.device_id,
-            "p_run_id": event.run_id,
-            "p_event": event.event.value,
-            "p_seq": event.seq,
-            "p_elapsed_s": event.elapsed_s,
-            "p_remaining_s": event.remaining_s,
-            "p_reported_at": event.ts,
-            "p_received_at": now,
-        },
-    ).scalar()
+    keep = {
+        "p_order_id": event.order_id,
+        "p_device_id": order.device_id,
+        "p_run_id": event.run_id,
+        "p_event": event.event.value,
+        "p_seq": event.seq,
+        "p_elapsed_s": event.elapsed_s,
+        "p_remaining_s": event.remaining_s,
+        "p_reported_at": event.ts,
+        "p_received_at": now,
+    }
+    webhooks = order.webhook_endpoint is not None
+    if conn.dialect.name == "postgresql":
+        _run_event_in_one(session, event, keep, moves_from, webhooks=webhooks)
+        return True
+    kept = conn.execute(hot_path.KEEP_RUN_EVENT[conn.dialect.name], keep).scalar()
     if kept is None:
         return True  # seen before: stored, nothing more to do
     if moves_from is OrderStatus.PAID:
         step = _start_run(conn, order.device_id, event)
     else:
         step = _complete_run(conn, order.device_id, event)
-    insert_steps(session, event.order_id, now, [step], webhooks=order.webhook_endpoint is not None)
+    insert_steps(session, event.order_id, now, [step], webhooks=webhooks)
     return True
+
+
+def _run_event_in_one(
+    session: Session,
+    event: RunEvent,
+    keep: dict[str, Any],
+    moves_from: OrderStatus,
+    *,
+    webhooks: bool,
+) -> None:
+    """`_run_event_fast`'s writes as one statement (PostgreSQL): nothing if a repeat."""
+    if moves_from is OrderStatus.PAID:
+        statement = hot_path.RUN_STARTED
+        params: dict[str, Any] = {"p_at": event.ts}
+        step, detail = "started", {"run_id": event.run_id}
+    else:
+        statement = hot_path.RUN_COMPLETED
+        step, detail = "ended", _completion(event)
+        params = {
+            "p_at": event.ts,
+            "p_actual_run_s": detail["actual_run_s"],
+            "p_end_reason": detail["reason"],
+        }
+    row = (
+        session.connection()
+        .execute(statement, keep | params | {"p_step_event": step, "p_step_detail": detail})
+        .first()
+    )
+    if row is not None and webhooks:
+        queue_deliveries(session, [Step(row.step_id, event.order_id, step)], keep["p_received_at"])
+
+
+def _completion(event: RunEvent) -> dict[str, Any]:
+    """The step detail of a run completed as paid for."""
+    actual = event.actual_run_s if event.actual_run_s is not None else event.elapsed_s
+    return {"reason": EndReason.COMPLETED.value, "actual_run_s": actual}
 
 
 def _start_run(conn: Connection, device_id: int, event: RunEvent) -> tuple[str, dict[str, Any]]:
@@ -340,19 +385,18 @@ def _start_run(conn: Connection, device_id: int, event: RunEvent) -> tuple[str, 
 
 def _complete_run(conn: Connection, device_id: int, event: RunEvent) -> tuple[str, dict[str, Any]]:
     """The run ended as paid for: the order is completed, the appliance free again."""
-    actual = event.actual_run_s if event.actual_run_s is not None else event.elapsed_s
-    reason = EndReason.COMPLETED.value
+    detail = _completion(event)
     conn.execute(
         hot_path.COMPLETE_RUN_ORDER,
         {
             "p_order_id": event.order_id,
             "p_at": event.ts,
-            "p_actual_run_s": actual,
-            "p_end_reason": reason,
+            "p_actual_run_s": detail["actual_run_s"],
+            "p_end_reason": detail["reason"],
         },
     )
     conn.execute(hot_path.FREE_DEVICE, {"p_device_id": device_id, "p_order_id": event.order_id})
-    return "ended", {"reason": reason, "actual_run_s": actual}
+    return "ended", detail
 
 
 def _first_time(

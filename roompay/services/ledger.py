@@ -138,6 +138,25 @@ def insert_entry(
     return int(entry_id)
 
 
+def entry_rows(
+    posting: Posting,
+    *,
+    now: datetime,
+    occurred_at: datetime,
+    hotel_id: int,
+    order_id: str | None,
+    wallet: str | None,
+) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """A new entry's row and its lines' rows (without `entry_id`), for one statement that
+    writes both (`hot_path.payment_writes`)."""
+    entry = _entry_row(posting, now, occurred_at, hotel_id, order_id, wallet, None)
+    lines = [
+        {"account": line.account, "debit_fen": line.debit_fen, "credit_fen": line.credit_fen}
+        for line in posting.lines
+    ]
+    return entry, lines
+
+
 def _entry_row(
     posting: Posting,
     now: datetime,

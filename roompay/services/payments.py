@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from roompay.domain import ledger as rules
@@ -23,7 +23,7 @@ from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
 from roompay.protocol.messages import StartCommand, StartCommandBody, StopCommandBody
 from roompay.protocol.signing import DEFAULT_KEY_ID, device_key, sign_command
 from roompay.services.context import ServiceContext
-from roompay.services.ledger import insert_entry, post_payment
+from roompay.services.ledger import entry_rows, insert_entry, post_payment
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
 from roompay.services.webhooks import Step, queue_deliveries
@@ -103,7 +103,22 @@ class NotifyResult:
 
 def handle_notification(ctx: ServiceContext, notice: PaymentNotification) -> NotifyResult:
     """Apply a verified payment notification exactly once."""
-    return ctx.execute(notification_job(ctx, notice))
+    return ctx.execute(notification_job(ctx, notice), writer_key(ctx, notice.out_trade_no))
+
+
+def writer_key(ctx: ServiceContext, order_id: str) -> str:
+    """The writer key of evidence about an order: its appliance's code (the order id if
+    there is no such order; its job then locks no appliance)."""
+    known = ctx.order_devices.get(order_id)
+    if known is not None:
+        return known
+    with ctx.sessions() as session:
+        code = (
+            session.connection()
+            .execute(hot_path.ORDER_DEVICE_CODE, {"p_order_id": order_id})
+            .scalar()
+        )
+    return order_id if code is None else str(code)
 
 
 def notification_job(ctx: ServiceContext, notice: PaymentNotification) -> Job[NotifyResult]:
@@ -121,7 +136,7 @@ def notification_job(ctx: ServiceContext, notice: PaymentNotification) -> Job[No
 
 def apply_evidence(ctx: ServiceContext, evidence: PaymentEvidence) -> NotifyOutcome:
     """Apply payment evidence (a notify's or a query's) exactly once."""
-    return ctx.execute(_evidence_job(ctx, evidence))
+    return ctx.execute(_evidence_job(ctx, evidence), writer_key(ctx, evidence.out_trade_no))
 
 
 def _evidence_job(ctx: ServiceContext, evidence: PaymentEvidence) -> Job[NotifyOutcome]:
@@ -340,36 +355,38 @@ def pay_and_start(
     paid_at = evidence.paid_at or now
     conn = session.connection()
     order_id, wallet = evidence.out_trade_no, evidence.wallet.value
-    order = conn.execute(
-        hot_path.PAY_ORDER,
-        {
-            "p_order_id": order_id,
-            "p_wallet": wallet,
-            "p_amount_fen": evidence.amount_fen,
-            "p_paid_at": paid_at,
-            "p_provider_trade_no": evidence.provider_trade_no,
-        },
-    ).first()
-    if order is None:
-        return None
-    terms = conn.execute(
-        hot_path.PAYMENT_TERMS,
-        {"p_hotel_id": order.hotel_id, "p_wallet": wallet, "p_day": rules.beijing_day(paid_at)},
-    ).one()
+    pay = {
+        "p_order_id": order_id,
+        "p_wallet": wallet,
+        "p_amount_fen": evidence.amount_fen,
+        "p_paid_at": paid_at,
+        "p_provider_trade_no": evidence.provider_trade_no,
+    }
+    day = rules.beijing_day(paid_at)
+    fused = conn.dialect.name == "postgresql"
+    order: Any
+    terms: Any
+    numbered: Any
+    if fused:
+        # One round trip: paid, numbered and the terms (the row holds all three).
+        order = terms = numbered = conn.execute(
+            hot_path.PAY_NUMBER_AND_TERMS, pay | {"p_day": day}
+        ).first()
+        if order is None:
+            return None
+    else:
+        order = conn.execute(hot_path.PAY_ORDER, pay).first()
+        if order is None:
+            return None
+        terms = conn.execute(
+            hot_path.PAYMENT_TERMS, {"p_hotel_id": order.hotel_id, "p_wallet": wallet, "p_day": day}
+        ).one()
+        numbered = conn.execute(hot_path.NEXT_COMMAND_SEQ, {"p_device_id": order.device_id}).one()
     posting = rules.payment_posting(
         order_id, wallet, order.hotel_id, evidence.amount_fen, _fees(terms), _contract(terms)
     )
-    insert_entry(
-        conn,
-        posting,
-        now=now,
-        occurred_at=paid_at,
-        hotel_id=order.hotel_id,
-        order_id=order_id,
-        wallet=wallet,
-    )
     publisher = ctx.publisher_ready()
-    command = _write_start_command(ctx, conn, order_id, order, now, sent=publisher is not None)
+    command = _start_command(ctx, order_id, order, numbered, now, sent=publisher is not None)
     source = "query" if evidence.source_id.startswith("query:") else "notify"
     steps: list[tuple[str, dict[str, Any]]] = [
         (
@@ -380,8 +397,30 @@ def pay_and_start(
     ]
     if publisher is not None:
         steps.append(("command_sent", {"cmd_id": command.cmd_id}))
-    insert_steps(session, order_id, now, steps, webhooks=terms.webhook_endpoint is not None)
-    conn.execute(hot_path.INSERT_NOTICE, _notice_row(evidence, order_id, NotifyOutcome.PAID, now))
+    notice = _notice_row(evidence, order_id, NotifyOutcome.PAID, now)
+    webhooks = terms.webhook_endpoint is not None
+    booking = {
+        "now": now,
+        "occurred_at": paid_at,
+        "hotel_id": order.hotel_id,
+        "order_id": order_id,
+        "wallet": wallet,
+    }
+    if fused:
+        entry, lines = entry_rows(posting, **booking)
+        recorded = conn.execute(
+            hot_path.payment_writes(len(lines), len(steps)),
+            hot_path.payment_write_params(
+                entry, lines, command.row, steps, notice, order_id=order_id, at=now
+            ),
+        ).all()
+        if webhooks:
+            queue_deliveries(session, [Step(r.id, order_id, r.event) for r in recorded], now)
+    else:
+        insert_entry(conn, posting, **booking)
+        conn.execute(hot_path.INSERT_COMMAND, command.row)
+        insert_steps(session, order_id, now, steps, webhooks=webhooks)
+        conn.execute(hot_path.INSERT_NOTICE, notice)
     if publisher is not None:
         code = command.device
         after.add(lambda: publisher.publish_start(code, command.signed))
@@ -392,24 +431,31 @@ def pay_and_start(
 
 @dataclass(frozen=True, slots=True)
 class _Written:
-    """A start command as written to the outbox, and where it goes."""
+    """A signed start command, its outbox row, and where it goes."""
 
     cmd_id: str
     device: str
     signed: StartCommand
+    row: dict[str, Any]
 
 
-def _write_start_command(
-    ctx: ServiceContext, conn: Connection, order_id: str, order: Any, now: datetime, *, sent: bool
+def _start_command(
+    ctx: ServiceContext,
+    order_id: str,
+    order: Any,
+    numbered: Any,
+    now: datetime,
+    *,
+    sent: bool,
 ) -> _Written:
-    """Sign the order's start command and write it: `sent` if it goes out at commit.
+    """Sign the order's start command and make its outbox row: `sent` if it goes out at
+    commit.
 
-    `order` is the row `PAY_ORDER` returned (device, program, duration).
+    `order` has the device, program and duration `PAY_ORDER` returns; `numbered` the
+    command number, code and key id `NEXT_COMMAND_SEQ` returns.
     """
     deadline = now + timedelta(seconds=ctx.settings.start_deadline_s)
-    seq, code, key_id = conn.execute(
-        hot_path.NEXT_COMMAND_SEQ, {"p_device_id": order.device_id}
-    ).one()
+    code = numbered.code
     body = StartCommandBody(
         v=1,
         cmd_id=ctx.ids.token(12),
@@ -418,29 +464,26 @@ def _write_start_command(
         duration_s=order.duration_s,
         issued_at=now,
         expires_at=deadline,
-        seq=seq,
-        key_id=key_id or DEFAULT_KEY_ID,
+        seq=numbered.command_seq,
+        key_id=numbered.key_id or DEFAULT_KEY_ID,
     )
     key = device_key(ctx.settings.secret_key.encode(), code, body.key_id)
     command = sign_command(body, key, code)
     resend = timedelta(seconds=ctx.settings.command_resend_s)
-    conn.execute(
-        hot_path.INSERT_COMMAND,
-        {
-            "id": command.cmd_id,
-            "order_id": order_id,
-            "device_id": order.device_id,
-            "kind": "start",
-            "status": "sent" if sent else "pending",
-            "payload": command.model_dump(mode="json"),
-            "attempts": 1 if sent else 0,
-            "created_at": now,
-            "next_attempt_at": now + resend if sent else now,
-            "deadline_at": deadline,
-            "sent_at": now if sent else None,
-        },
-    )
-    return _Written(command.cmd_id, code, command)
+    row = {
+        "id": command.cmd_id,
+        "order_id": order_id,
+        "device_id": order.device_id,
+        "kind": "start",
+        "status": "sent" if sent else "pending",
+        "payload": command.model_dump(mode="json"),
+        "attempts": 1 if sent else 0,
+        "created_at": now,
+        "next_attempt_at": now + resend if sent else now,
+        "deadline_at": deadline,
+        "sent_at": now if sent else None,
+    }
+    return _Written(command.cmd_id, code, command, row)
 
 
 def _contract(terms: Any) -> rules.HotelContract:

@@ -13,17 +13,21 @@ UPDATE or INSERT.
 """
 
 from datetime import date
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     ScalarSelect,
+    Select,
     and_,
     bindparam,
     case,
     exists,
     insert,
     select,
+    true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -47,6 +51,13 @@ from roompay.store.models import (
 OPEN_COMMAND = ("pending", "sent")
 
 # --- payments ----------------------------------------------------------------------------
+
+ORDER_DEVICE_CODE = (
+    select(Device.code)
+    .join(Order, Order.device_id == Device.id)
+    .where(Order.id == bindparam("p_order_id"))
+)
+"""The code of the appliance an order is for."""
 
 PAY_ORDER = (
     update(Order)
@@ -84,23 +95,26 @@ def _in_force(
 _CONTRACT = HotelContract.hotel_id == bindparam("p_hotel_id")
 _FEES = ProviderFeeSchedule.wallet == bindparam("p_wallet")
 
+_CONTRACT_COLUMNS = (
+    ("c_effective_from", HotelContract.effective_from),
+    ("c_share_bp", HotelContract.share_bp),
+    ("c_basis", HotelContract.basis),
+    ("c_min_monthly_guarantee_fen", HotelContract.min_monthly_guarantee_fen),
+)
+_FEE_COLUMNS = (
+    ("f_effective_from", ProviderFeeSchedule.effective_from),
+    ("f_rate_bp", ProviderFeeSchedule.rate_bp),
+    ("f_refund_rule", ProviderFeeSchedule.refund_rule),
+)
+
 PAYMENT_TERMS = select(
     *(
         _in_force(column, _CONTRACT, HotelContract.effective_from).label(name)
-        for name, column in (
-            ("c_effective_from", HotelContract.effective_from),
-            ("c_share_bp", HotelContract.share_bp),
-            ("c_basis", HotelContract.basis),
-            ("c_min_monthly_guarantee_fen", HotelContract.min_monthly_guarantee_fen),
-        )
+        for name, column in _CONTRACT_COLUMNS
     ),
     *(
         _in_force(column, _FEES, ProviderFeeSchedule.effective_from).label(name)
-        for name, column in (
-            ("f_effective_from", ProviderFeeSchedule.effective_from),
-            ("f_rate_bp", ProviderFeeSchedule.rate_bp),
-            ("f_refund_rule", ProviderFeeSchedule.refund_rule),
-        )
+        for name, column in _FEE_COLUMNS
     ),
     select(WebhookEndpoint.id)
     .where(WebhookEndpoint.hotel_id == bindparam("p_hotel_id"), WebhookEndpoint.active.is_(True))
@@ -118,6 +132,166 @@ NEXT_COMMAND_SEQ = (
     .returning(Device.command_seq, Device.code, Device.key_id)
 )
 """Take the device's next command number (and its row lock until commit)."""
+
+# PostgreSQL runs a payment in two statements (data-modifying CTEs): one round trip
+# takes the order, its appliance's next command number and the terms in force; one
+# writes the entry, its lines, the command, the steps and the notice. SQLite has no
+# data-modifying CTE and runs the statements above and below one by one.
+
+_PAID = PAY_ORDER.cte("paid")
+_NUMBERED = (
+    update(Device)
+    .where(Device.id == _PAID.c.device_id)
+    .values(command_seq=Device.command_seq + 1)
+    .returning(Device.command_seq, Device.code, Device.key_id)
+    .cte("numbered")
+)
+_PAID_CONTRACT = HotelContract.hotel_id == _PAID.c.hotel_id
+
+PAY_NUMBER_AND_TERMS = select(
+    _PAID.c.hotel_id,
+    _PAID.c.device_id,
+    _PAID.c.program_code,
+    _PAID.c.duration_s,
+    _NUMBERED.c.command_seq,
+    _NUMBERED.c.code,
+    _NUMBERED.c.key_id,
+    *(
+        _in_force(column, _PAID_CONTRACT, HotelContract.effective_from).label(name)
+        for name, column in _CONTRACT_COLUMNS
+    ),
+    *(
+        _in_force(column, _FEES, ProviderFeeSchedule.effective_from).label(name)
+        for name, column in _FEE_COLUMNS
+    ),
+    select(WebhookEndpoint.id)
+    .where(WebhookEndpoint.hotel_id == _PAID.c.hotel_id, WebhookEndpoint.active.is_(True))
+    .scalar_subquery()
+    .label("webhook_endpoint"),
+).select_from(_PAID.join(_NUMBERED, true()))
+"""`PAY_ORDER`, `NEXT_COMMAND_SEQ` and `PAYMENT_TERMS` in one statement (PostgreSQL)."""
+
+_ENTRY_COLUMNS = (
+    "kind",
+    "source_key",
+    "posted_at",
+    "occurred_at",
+    "booked_on",
+    "order_id",
+    "hotel_id",
+    "wallet",
+)
+_LINE_COLUMNS = ("account", "debit_fen", "credit_fen")
+_COMMAND_COLUMNS = (
+    "id",
+    "order_id",
+    "device_id",
+    "kind",
+    "status",
+    "payload",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+    "deadline_at",
+    "sent_at",
+)
+_STEP_COLUMNS = ("order_id", "at", "event", "detail")
+_NOTICE_COLUMNS = (
+    "wallet",
+    "notification_id",
+    "out_trade_no",
+    "provider_trade_no",
+    "amount_fen",
+    "trade_state",
+    "order_id",
+    "outcome",
+    "received_at",
+)
+
+
+def _typed(table: Any, column: str, name: str) -> Any:
+    """A bind parameter with the column's type (its JSON or datetime processing)."""
+    return bindparam(name, type_=table.c[column].type)
+
+
+def _rows_select(selects: list[Select[Any]]) -> Any:
+    return selects[0] if len(selects) == 1 else union_all(*selects)
+
+
+@cache
+def payment_writes(lines: int, steps: int) -> Select[Any]:
+    """Write a payment's entry and `lines` lines, its command, `steps` steps and its notice
+    in one statement (PostgreSQL); returns each step's (id, event).
+
+    One statement per shape, built once. Parameters: see `payment_write_params`. The
+    rows go in as INSERT ... SELECT: a multi-row VALUES would not be cached.
+    """
+    entries, ledger_lines = LedgerEntry.__table__, LedgerLine.__table__
+    events = OrderEvent.__table__
+    entry = (
+        insert(LedgerEntry)
+        .values({c: _typed(entries, c, f"p_e_{c}") for c in _ENTRY_COLUMNS})
+        .returning(LedgerEntry.id)
+        .cte("entry")
+    )
+    line_rows = [
+        select(entry.c.id, *(_typed(ledger_lines, c, f"p_l{i}_{c}") for c in _LINE_COLUMNS))
+        for i in range(lines)
+    ]
+    booked = (
+        insert(LedgerLine)
+        .from_select(["entry_id", *_LINE_COLUMNS], _rows_select(line_rows))
+        .cte("booked")
+    )
+    command = (
+        insert(Command)
+        .values({c: _typed(Command.__table__, c, f"p_c_{c}") for c in _COMMAND_COLUMNS})
+        .cte("command")
+    )
+    step_rows = [
+        select(
+            _typed(events, "order_id", "p_order_id"),
+            _typed(events, "at", "p_at"),
+            _typed(events, "event", f"p_s{i}_event"),
+            _typed(events, "detail", f"p_s{i}_detail"),
+        )
+        for i in range(steps)
+    ]
+    recorded = (
+        insert(OrderEvent)
+        .from_select(list(_STEP_COLUMNS), _rows_select(step_rows))
+        .returning(OrderEvent.id, OrderEvent.event)
+        .cte("recorded")
+    )
+    notice = (
+        insert(PaymentNotice)
+        .values({c: _typed(PaymentNotice.__table__, c, f"p_n_{c}") for c in _NOTICE_COLUMNS})
+        .cte("notice")
+    )
+    return select(recorded.c.id, recorded.c.event).add_cte(entry, booked, command, notice)
+
+
+def payment_write_params(
+    entry: dict[str, Any],
+    lines: list[dict[str, Any]],
+    command: dict[str, Any],
+    steps: list[tuple[str, dict[str, Any]]],
+    notice: dict[str, Any],
+    *,
+    order_id: str,
+    at: Any,
+) -> dict[str, Any]:
+    """The parameters of `payment_writes(len(lines), len(steps))`, from rows by column."""
+    params: dict[str, Any] = {f"p_e_{c}": entry[c] for c in _ENTRY_COLUMNS}
+    for i, line in enumerate(lines):
+        params |= {f"p_l{i}_{c}": line[c] for c in _LINE_COLUMNS}
+    params |= {f"p_c_{c}": command[c] for c in _COMMAND_COLUMNS}
+    params |= {"p_order_id": order_id, "p_at": at}
+    for i, (event, detail) in enumerate(steps):
+        params |= {f"p_s{i}_event": event, f"p_s{i}_detail": detail}
+    params |= {f"p_n_{c}": notice[c] for c in _NOTICE_COLUMNS}
+    return params
+
 
 INSERT_ENTRY = insert(LedgerEntry).returning(LedgerEntry.id)
 INSERT_LINES = insert(LedgerLine)
@@ -177,6 +351,24 @@ ACCEPT_START = (
     .returning(Command.order_id, Command.created_at)
 )
 """Record that this device accepted this open start command; no row: not the case."""
+
+_ACCEPTED = ACCEPT_START.cte("accepted")
+_STEPS = OrderEvent.__table__
+
+ACCEPT_START_RECORDED = select(_ACCEPTED.c.order_id, _ACCEPTED.c.created_at).add_cte(
+    insert(OrderEvent)
+    .from_select(
+        ["order_id", "at", "event", "detail"],
+        select(
+            _ACCEPTED.c.order_id,
+            bindparam("p_now", type_=_STEPS.c.at.type),
+            bindparam("p_step_event", type_=_STEPS.c.event.type),
+            bindparam("p_step_detail", type_=_STEPS.c.detail.type),
+        ),
+    )
+    .cte("recorded")
+)
+"""`ACCEPT_START` and its step in one statement (PostgreSQL)."""
 
 RUN_ORDER = (
     select(
@@ -255,3 +447,38 @@ FREE_DEVICE = (
     )
 )
 """The appliance is free again after this order's run (a fault stands until cleared)."""
+
+
+def _run_event_writes(order_update: Any, device_update: Any) -> Select[Any]:
+    """Keep a run event and, only if it is new, move the order and the appliance and
+    record the step, in one statement (PostgreSQL). One row (the event's and the step's
+    ids) if the event is new; none if it is a repeat."""
+    kept = KEEP_RUN_EVENT["postgresql"].cte("kept")
+    new = select(kept.c.id).exists()
+    moved = order_update.where(new).cte("moved")
+    freed = device_update.where(new).cte("device")
+    recorded = (
+        insert(OrderEvent)
+        .from_select(
+            ["order_id", "at", "event", "detail"],
+            select(
+                bindparam("p_order_id", type_=_STEPS.c.order_id.type),
+                bindparam("p_received_at", type_=_STEPS.c.at.type),
+                bindparam("p_step_event", type_=_STEPS.c.event.type),
+                bindparam("p_step_detail", type_=_STEPS.c.detail.type),
+            ).select_from(kept),
+        )
+        .returning(OrderEvent.id)
+        .cte("recorded")
+    )
+    return (
+        select(kept.c.id.label("kept"), recorded.c.id.label("step_id"))
+        .select_from(kept.join(recorded, true()))
+        .add_cte(moved, freed)
+    )
+
+
+RUN_STARTED = _run_event_writes(START_RUN_ORDER, START_RUN_DEVICE)
+"""`KEEP_RUN_EVENT`, `START_RUN_ORDER`, `START_RUN_DEVICE` and the step, as one (PostgreSQL)."""
+RUN_COMPLETED = _run_event_writes(COMPLETE_RUN_ORDER, FREE_DEVICE)
+"""`KEEP_RUN_EVENT`, `COMPLETE_RUN_ORDER`, `FREE_DEVICE` and the step, as one (PostgreSQL)."""

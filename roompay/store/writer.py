@@ -16,11 +16,13 @@ Why one thread: every round trip to the database hands the GIL away and must win
 back from whichever thread holds it, and every commit waits for the disk. Payment
 notifies and device messages handled on a dozen threads, each in its own transaction,
 spent most of their time doing exactly that (docs/performance.md). One writer also
-suits SQLite, which admits one writer at a time anyway.
+suits SQLite, which admits one writer at a time anyway. On PostgreSQL a few writers
+(`StripedWriter`, one per stripe of appliances) keep a few transactions in flight.
 """
 
 import logging
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256
+
+_writer_thread = threading.local()
+"""Marks the writers' own threads: a job there must not wait for a writer."""
 
 
 class AfterCommit:
@@ -140,7 +145,7 @@ class BatchWriter:
         A writer that is not running runs the job at once on the caller's thread, so
         nothing submitted while the process starts or stops is lost.
         """
-        if threading.current_thread() is self._thread:
+        if getattr(_writer_thread, "active", False):
             raise RuntimeError("a job must not submit jobs: the writer would wait for itself")
         pending: _Pending[T] = _Pending(job)
         with self._ready:
@@ -157,6 +162,7 @@ class BatchWriter:
         return self.submit(job).result()
 
     def _run(self) -> None:
+        _writer_thread.active = True
         while True:
             with self._ready:
                 while not self._queue and not self._stopping:
@@ -190,3 +196,62 @@ class BatchWriter:
         for item, after, result in zip(batch, afters, results, strict=True):
             after.run()
             item.future.set_result(result)
+
+
+class StripedWriter:
+    """Several writers, each job going to the one its key names.
+
+    The key is the appliance a job is about (its code): every job that locks an
+    appliance's rows, and its orders' and commands' rows, goes to the same writer, in
+    the order submitted, so two writers' batches never wait on each other's row locks
+    (no deadlock) and an appliance's messages are applied in the order they came. On
+    PostgreSQL several writers keep several transactions in flight at once; SQLite has
+    one writer at a time anyway, so it gets one stripe.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], stripes: int = 1) -> None:
+        if stripes < 1:
+            raise ValueError("a striped writer has at least one stripe")
+        self._stripes = [BatchWriter(sessions, name=f"writer-{i}") for i in range(stripes)]
+
+    @property
+    def stripes(self) -> int:
+        """How many writers there are."""
+        return len(self._stripes)
+
+    @property
+    def waiting(self) -> int:
+        """How many jobs wait for a writer now."""
+        return sum(stripe.waiting for stripe in self._stripes)
+
+    @property
+    def batches(self) -> int:
+        """How many transactions the writers have committed."""
+        return sum(stripe.batches for stripe in self._stripes)
+
+    @property
+    def jobs(self) -> int:
+        """How many jobs the writers have applied."""
+        return sum(stripe.jobs for stripe in self._stripes)
+
+    def start(self) -> None:
+        """Start every writer thread."""
+        for stripe in self._stripes:
+            stripe.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Run what is queued, then stop every writer thread."""
+        for stripe in self._stripes:
+            stripe.stop(timeout_s)
+
+    def stripe(self, key: str) -> BatchWriter:
+        """The writer for jobs about `key`."""
+        return self._stripes[zlib.crc32(key.encode()) % len(self._stripes)]
+
+    def submit(self, job: Job[T], key: str) -> "Future[T]":
+        """Queue a job on its key's writer (see `BatchWriter.submit`)."""
+        return self.stripe(key).submit(job)
+
+    def run(self, job: Job[T], key: str) -> T:
+        """Submit a job on its key's writer and wait for its result."""
+        return self.submit(job, key).result()

@@ -29,11 +29,11 @@ def get_ctx(request: Request) -> ServiceContext:
     return get_runtime(request).ctx
 
 
-async def run_job(ctx: ServiceContext, job: Job[T]) -> T:
+async def run_job(ctx: ServiceContext, job: Job[T], key: str) -> T:
     """Run a writer job without holding a thread of the pool while it waits its turn."""
     if ctx.writer is not None:
-        return await asyncio.wrap_future(ctx.writer.submit(job))
-    return await run_in_threadpool(ctx.execute, job)
+        return await asyncio.wrap_future(ctx.writer.submit(job, key))
+    return await run_in_threadpool(ctx.execute, job, key)
 
 
 def get_principal(

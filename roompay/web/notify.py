@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from roompay.domain.catalog import Wallet
 from roompay.payments.errors import NotificationRejectedError
-from roompay.services.payments import notification_job
+from roompay.services.payments import notification_job, writer_key
 from roompay.services.refunds import apply_refund_notice
 from roompay.web.deps import get_ctx, run_job
 
@@ -37,7 +37,10 @@ async def _handle(request: Request, wallet: Wallet) -> Response:
         reply = provider.reply_fail("verification failed")
         # 400 whatever the provider: the notify is not ours to accept.
         return Response(reply.body, status_code=400, media_type=reply.media_type)
-    result = await run_job(ctx, notification_job(ctx, notice))
+    key = ctx.order_devices.get(notice.out_trade_no)
+    if key is None:
+        key = await run_in_threadpool(writer_key, ctx, notice.out_trade_no)
+    result = await run_job(ctx, notification_job(ctx, notice), key)
     elapsed = time.perf_counter() - started
     ctx.metrics.notify_seconds.labels(wallet.value, result.outcome.value).observe(elapsed)
     reply = provider.reply_ok() if result.acknowledge else provider.reply_fail(result.outcome.value)

@@ -21,8 +21,15 @@ from roompay.domain.catalog import Wallet
 from roompay.payments.base import TradeState
 from roompay.protocol.messages import StartCommand
 from roompay.protocol.signing import device_key, verify_command
+from roompay.services.context import OrderDevices
 from roompay.services.ledger import add_contract, hotel_contracts
-from roompay.services.payments import NotifyOutcome, PaymentEvidence, _apply, apply_evidence
+from roompay.services.payments import (
+    NotifyOutcome,
+    PaymentEvidence,
+    _apply,
+    apply_evidence,
+    writer_key,
+)
 from roompay.services.seed import create_hotel, ensure_operator, place_devices
 from roompay.store.db import transaction
 from roompay.store.models import (
@@ -263,3 +270,36 @@ def test_a_payment_with_no_terms_in_force_is_refused_and_writes_nothing(
         assert session.get_one(Order, order.id).status == "awaiting_payment"
         for table in (LedgerEntry, Command, PaymentNotice):
             assert session.scalars(select(table).where(table.order_id == order.id)).all() == []
+
+
+def test_payment_evidence_goes_to_the_writer_of_its_appliance(quiet_stack: Stack) -> None:
+    ctx = quiet_stack.runtime.ctx
+    code = _hotel_with(quiet_stack, [])
+    # An order not checked out by this process (another server, or before a restart)
+    order = _order(quiet_stack, code, Wallet.WECHAT)
+    assert ctx.order_devices.get(order.id) is None
+    assert writer_key(ctx, order.id) == code
+    # A recent checkout's appliance is known without a query
+    ctx.order_devices.remember("recent-order", "AIR-0042")
+    assert writer_key(ctx, "recent-order") == "AIR-0042"
+    # No such order: its job locks no appliance, any writer will do
+    assert writer_key(ctx, "no-such-order") == "no-such-order"
+
+
+def test_a_checkout_remembers_its_appliance_and_old_ones_are_forgotten(
+    quiet_stack: Stack,
+) -> None:
+    code = quiet_stack.device_codes[0]
+    with transaction(quiet_stack.runtime.ctx.sessions) as session:
+        session.scalars(select(Device).where(Device.code == code)).one().online = True
+    with quiet_stack.client() as http:
+        reply = http.post(
+            "/api/v1/checkout",
+            json={"device": code, "program": "dry30", "wallet": "wechat"},
+        )
+    assert reply.status_code in (200, 201), reply.text
+    assert quiet_stack.runtime.ctx.order_devices.get(reply.json()["order_id"]) == code
+    recent = OrderDevices(limit=2)
+    for n in range(3):
+        recent.remember(f"o{n}", f"D{n}")
+    assert [recent.get(f"o{n}") for n in range(3)] == [None, "D1", "D2"]

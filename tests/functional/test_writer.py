@@ -1,4 +1,5 @@
-"""The batch writer on a real database: order, batches, failures alone, after-commit only."""
+"""The batch writer on a real database: order, batches, failures alone, after-commit only;
+and the striped writer: one appliance's jobs in order on one writer, others beside them."""
 
 import threading
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from roompay.store.db import make_engine, session_factory
-from roompay.store.writer import AfterCommit, BatchWriter, Job
+from roompay.store.writer import AfterCommit, BatchWriter, Job, StripedWriter
 from tests.support.services import postgres_reachable, scratch_postgres_database
 
 metadata = MetaData()
@@ -27,6 +28,14 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[session
         url = f"sqlite:///{tmp_path / 'writer.db'}"
         yield from _sessions(url)
         return
+    assert postgres_reachable()
+    with scratch_postgres_database() as url:
+        yield from _sessions(url)
+
+
+@pytest.fixture
+def postgres_sessions() -> Iterator[sessionmaker[Session]]:
+    """PostgreSQL only: SQLite admits one writing transaction at a time (one stripe)."""
     assert postgres_reachable()
     with scratch_postgres_database() as url:
         yield from _sessions(url)
@@ -165,3 +174,83 @@ def test_a_writer_not_running_runs_the_job_on_the_callers_thread(
     assert writer.run(_note("after-stop", log)) == "AFTER-STOP"
     assert _texts(sessions) == ["inline", "after-stop"]
     assert log == ["after inline", "after after-stop"]
+
+
+def _keys_on_two_stripes(writer: StripedWriter) -> tuple[str, str]:
+    first = "DRY-0001"
+    other = next(
+        f"AIR-{n:04d}"
+        for n in range(1, 1000)
+        if writer.stripe(f"AIR-{n:04d}") is not writer.stripe(first)
+    )
+    return first, other
+
+
+@pytest.mark.services
+def test_a_busy_appliance_does_not_hold_back_another_ones_jobs(
+    postgres_sessions: sessionmaker[Session],
+) -> None:
+    writer = StripedWriter(postgres_sessions, stripes=4)
+    writer.start()
+    log: list[str] = []
+    busy, free = _keys_on_two_stripes(writer)
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold(_session: Session, _after: AfterCommit) -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        # Given one appliance's writer is busy in a transaction
+        held = writer.submit(hold, busy)
+        assert started.wait(10)
+        queued = writer.submit(_note("same appliance", log), busy)
+        # When another appliance's job comes
+        other = writer.submit(_note("other appliance", log), free)
+        # Then it commits while the first is still busy; the busy one's next job waits
+        assert other.result(10) == "OTHER APPLIANCE"
+        assert not queued.done()
+        assert _texts(postgres_sessions) == ["other appliance"]
+        release.set()
+        assert queued.result(10) == "SAME APPLIANCE"
+        held.result(10)
+    finally:
+        release.set()
+        writer.stop()
+    assert _texts(postgres_sessions) == ["other appliance", "same appliance"]
+
+
+def test_one_appliances_jobs_go_to_one_writer_in_the_order_submitted(
+    sessions: sessionmaker[Session],
+) -> None:
+    writer = StripedWriter(sessions, stripes=4)
+    writer.start()
+    log: list[str] = []
+    try:
+        futures = [writer.submit(_note(f"m{i}", log), "DRY-0007") for i in range(6)]
+        results = [future.result(10) for future in futures]
+    finally:
+        writer.stop()
+    assert results == [f"M{i}" for i in range(6)]
+    assert _texts(sessions) == [f"m{i}" for i in range(6)]
+    assert writer.jobs == 6
+    assert writer.stripe("DRY-0007") is writer.stripe("DRY-0007")
+
+
+def test_a_job_that_waits_for_another_writer_is_refused(sessions: sessionmaker[Session]) -> None:
+    writer = StripedWriter(sessions, stripes=4)
+    writer.start()
+    log: list[str] = []
+    first, other = _keys_on_two_stripes(writer)
+
+    def nested(session: Session, after: AfterCommit) -> str:
+        return writer.run(_note("inner", log), other)
+
+    try:
+        # Two writers each waiting for the other would never finish
+        with pytest.raises(RuntimeError, match="must not submit jobs"):
+            writer.run(nested, first)
+    finally:
+        writer.stop()
+    assert _texts(sessions) == []

@@ -78,6 +78,8 @@ class ServiceContext:
     # Called after a transaction has queued commands or refunds, so workers wake at once.
     on_commands_queued: Callable[[], None] = field(default=lambda: None)
     on_refunds_queued: Callable[[], None] = field(default=lambda: None)
+    # Called after a hot-path transaction committed order steps, so the feed reads them now.
+    on_steps_written: Callable[[], None] = field(default=lambda: None)
     # Called after a run event is stored, to acknowledge it to the device (code, run, seq).
     on_run_event_stored: Callable[[str, str, int], None] = field(default=lambda *_: None)
     # The hot path's writer (payments, device messages); None: each job alone, inline.
@@ -99,6 +101,10 @@ class ServiceContext:
         if self.writer is not None:
             return self.writer.run(job, key)
         return run_alone(self.sessions, job)
+
+    def steps_written(self) -> None:
+        """Tell the feed that order steps were committed (whoever listens by then)."""
+        self.on_steps_written()
 
     def publisher_ready(self) -> CommandPublisher | None:
         """The publisher, if a command written now can be sent the moment it commits."""

@@ -175,6 +175,7 @@ def _on_heartbeat(
 def _on_ack(
     ctx: ServiceContext, session: Session, after: AfterCommit, code: str, ack: CommandAck
 ) -> None:
+    after.add(ctx.steps_written)
     if _start_accepted(ctx, session, after, code, ack):
         return
     device = _device(session, code)
@@ -269,6 +270,7 @@ def _on_run(
     if stored:
         # Stored (now or before): the device may drop it from its outbox.
         after.add(lambda: ctx.on_run_event_stored(code, event.run_id, event.seq))
+        after.add(ctx.steps_written)
 
 
 def _apply_run_event(ctx: ServiceContext, session: Session, code: str, event: RunEvent) -> bool:

@@ -148,6 +148,7 @@ def _evidence_job(ctx: ServiceContext, evidence: PaymentEvidence) -> Job[NotifyO
                 if outcome is NotifyOutcome.PAID:
                     after.add(ctx.on_commands_queued)
         after.add(lambda: _report(ctx, evidence.out_trade_no, outcome))
+        after.add(ctx.steps_written)
         return outcome
 
     return job

@@ -8,8 +8,11 @@ and the client reconnects, which re-checks its token and caps how long a proxy h
 
 One `FeedHub` per process polls the database for every subscriber: a hundred open
 dashboards cost one query every `HUB_POLL_S`, not a hundred, and each sees a new step
-within one poll. A stream first catches up from the database on its own, then follows
-the hub; one that falls behind the hub's buffer catches up from the database again.
+within one poll. The hot path (payments, accepted starts, run events) also pokes the
+hub when it commits steps, so those are read at once rather than at the next poll. Each
+step is rendered once for every stream, and a stream sends what it has as one chunk.
+A stream first catches up from the database on its own, then follows the hub; one that
+falls behind the hub's buffer catches up from the database again.
 """
 
 import asyncio
@@ -53,6 +56,7 @@ class FeedHub:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         self._buffer: deque[tuple[int, feed.FeedItem]] = deque(maxlen=HUB_BUFFER)
+        self._frames: dict[int, str] = {}
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
         self._seq = 0
@@ -61,6 +65,8 @@ class FeedHub:
         self._subscribers = 0
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._poked = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def position(self) -> int:
@@ -72,13 +78,26 @@ class FeedHub:
         self._subscribers += 1
         self._wanted.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._ctx.on_steps_written = self.poke
+            self._task = self._loop.create_task(self._run())
 
     def unsubscribe(self) -> None:
         """Count a stream out; the poller rests while nobody listens."""
         self._subscribers -= 1
         if self._subscribers == 0:
             self._wanted.clear()
+
+    def poke(self) -> None:
+        """New steps are committed: read them now (callable from any thread)."""
+        loop = self._loop
+        if loop is not None and self._subscribers > 0:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(self._poked.set)
+
+    def frame(self, item: feed.FeedItem) -> str:
+        """The item as an SSE frame, rendered once for every stream."""
+        return self._frames.get(item.id) or _frame(item)
 
     def since(self, position: int) -> list[feed.FeedItem] | None:
         """Steps taken in after `position`, oldest first; None if the buffer lost some."""
@@ -111,7 +130,9 @@ class FeedHub:
                 self._changed.set()
                 self._changed = asyncio.Event()
             else:
-                await asyncio.sleep(HUB_POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poked.wait(), HUB_POLL_S)
+                self._poked.clear()
 
     def _read(self) -> list[feed.FeedItem]:
         with self._ctx.sessions() as session:
@@ -123,7 +144,10 @@ class FeedHub:
 
     def _take(self, item: feed.FeedItem) -> None:
         self._seq += 1
+        if len(self._buffer) == HUB_BUFFER:
+            self._frames.pop(self._buffer[0][1].id, None)
         self._buffer.append((self._seq, item))
+        self._frames[item.id] = _frame(item)
         self._seen.add(item.id)
         self._seen_order.append(item.id)
         if len(self._seen_order) > 4 * HUB_BUFFER:
@@ -203,11 +227,14 @@ async def _events(
             yield _frame(item)
         pending = hub.recent_after(max(sent, default=after))
         while time.monotonic() - started < STREAM_MAX_S:
+            chunk = []
             for item in pending:
                 if item.id not in sent and _ours(item, scope):
                     sent.add(item.id)
-                    yield _frame(item)
-                    last_sent = time.monotonic()
+                    chunk.append(hub.frame(item))
+            if chunk:
+                yield "".join(chunk)
+                last_sent = time.monotonic()
             if time.monotonic() - last_sent >= HEARTBEAT_S:
                 yield ": keep-alive\n\n"
                 last_sent = time.monotonic()

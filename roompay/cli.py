@@ -1,5 +1,6 @@
 """The `roompay` command line."""
 
+import gc
 import json
 from pathlib import Path
 from typing import Annotated
@@ -72,7 +73,12 @@ def serve(
         else None
     )
     runtime = Runtime(settings, build_providers(settings), sandbox=sandbox)
-    uvicorn.run(create_app(runtime), host=host, port=port, log_config=None, access_log=False)
+    app = create_app(runtime)
+    # What is loaded by now lives as long as the process: keep it out of the cyclic
+    # collector's full passes, which otherwise stop every thread for 100 ms and more
+    # while a guest waits for the appliance (docs/performance.md).
+    gc.freeze()
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
 
 
 @app.command()

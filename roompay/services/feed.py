@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Result, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from roompay.store.models import Device, Hotel, Order, OrderEvent, Room
@@ -61,57 +61,80 @@ class FeedItem:
         return self.wallet == COMP_WALLET
 
 
-def _items_query() -> Select[OrderEvent, Order, Device, str, str]:
-    return (
-        select(OrderEvent, Order, Device, Hotel.code, Room.number)
-        .join(Order, OrderEvent.order_id == Order.id)
-        .join(Device, Order.device_id == Device.id)
-        .join(Hotel, Order.hotel_id == Hotel.id)
-        .outerjoin(Room, Device.room_id == Room.id)
-        .order_by(OrderEvent.id)
+_ITEMS = (
+    select(
+        OrderEvent.id,
+        OrderEvent.at,
+        OrderEvent.event,
+        OrderEvent.detail,
+        Order.id.label("order_id"),
+        Order.status,
+        Order.program_code,
+        Order.wallet,
+        Order.amount_fen,
+        Order.hotel_id,
+        Device.code.label("device"),
+        Device.kind,
+        Hotel.code.label("hotel"),
+        Room.number.label("room"),
     )
+    .join(Order, OrderEvent.order_id == Order.id)
+    .join(Device, Order.device_id == Device.id)
+    .join(Hotel, Order.hotel_id == Hotel.id)
+    .outerjoin(Room, Device.room_id == Room.id)
+    .order_by(OrderEvent.id)
+)
+# Built once with bind parameters: the live feed runs these many times a second, and
+# building a statement costs more than running it.
+_ITEMS_BY_ID = _ITEMS.where(OrderEvent.id.in_(bindparam("p_ids", expanding=True)))
+_IDS_AFTER = (
+    select(OrderEvent.id)
+    .where(OrderEvent.id > bindparam("p_after"))
+    .order_by(OrderEvent.id)
+    .limit(bindparam("p_limit"))
+)
 
 
 def read_feed(
     session: Session, hotel_scope: int | None, after: int, limit: int = 200
 ) -> list[FeedItem]:
     """Order steps with an id above `after`, oldest first; only the hotel's unless scope is None."""
-    query = _items_query().where(OrderEvent.id > after).limit(limit)
+    query = _ITEMS.where(OrderEvent.id > after).limit(limit)
     if hotel_scope is not None:
         query = query.where(Order.hotel_id == hotel_scope)
-    return _items(session, query)
+    return _items(session.connection().execute(query))
 
 
 def event_ids_after(session: Session, after: int, limit: int = 500) -> list[int]:
     """Ids of order steps above `after`, oldest first: a cheap look before reading items."""
-    query = select(OrderEvent.id).where(OrderEvent.id > after).order_by(OrderEvent.id)
-    return list(session.scalars(query.limit(limit)))
+    rows = session.connection().execute(_IDS_AFTER, {"p_after": after, "p_limit": limit})
+    return list(rows.scalars())
 
 
 def feed_items(session: Session, event_ids: list[int]) -> list[FeedItem]:
     """These order steps as the feed shows them, oldest first."""
-    return _items(session, _items_query().where(OrderEvent.id.in_(event_ids)))
+    return _items(session.connection().execute(_ITEMS_BY_ID, {"p_ids": event_ids}))
 
 
-def _items(session: Session, query: Select[OrderEvent, Order, Device, str, str]) -> list[FeedItem]:
+def _items(rows: Result[Any]) -> list[FeedItem]:
     return [
         FeedItem(
-            id=event.id,
-            at=event.at,
-            event=event.event,
-            detail=dict(event.detail or {}),
-            order_id=order.id,
-            status=order.status,
-            hotel=hotel_code,
-            device=device.code,
-            kind=device.kind,
-            room=room_number,
-            program=order.program_code,
-            wallet=order.wallet,
-            amount_fen=order.amount_fen,
-            hotel_id=order.hotel_id,
+            id=row.id,
+            at=row.at,
+            event=row.event,
+            detail=dict(row.detail or {}),
+            order_id=row.order_id,
+            status=row.status,
+            hotel=row.hotel,
+            device=row.device,
+            kind=row.kind,
+            room=row.room,
+            program=row.program_code,
+            wallet=row.wallet,
+            amount_fen=row.amount_fen,
+            hotel_id=row.hotel_id,
         )
-        for event, order, device, hotel_code, room_number in session.execute(query)
+        for row in rows
     ]
 
 

@@ -17,6 +17,7 @@ falls behind the hub's buffer catches up from the database again.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -103,7 +104,9 @@ class FeedHub:
         """Steps taken in after `position`, oldest first; None if the buffer lost some."""
         if self._buffer and self._buffer[0][0] > position + 1:
             return None
-        return [item for seq, item in self._buffer if seq > position]
+        # Sequence numbers are consecutive: the newest `self._seq - position` entries.
+        newer = min(len(self._buffer), max(0, self._seq - position))
+        return [item for _, item in itertools.islice(self._buffer, len(self._buffer) - newer, None)]
 
     def recent_after(self, event_id: int) -> list[feed.FeedItem]:
         """Buffered steps with an id above `event_id` (a stream joining the hub)."""
@@ -112,7 +115,8 @@ class FeedHub:
     async def wait(self, timeout: float) -> None:
         """Wait until the hub takes in new steps, or `timeout` seconds."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def _run(self) -> None:
         while True:

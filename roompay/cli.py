@@ -178,7 +178,10 @@ def bench(
     ] = "own",
     profile: Annotated[
         Path | None,
-        typer.Option(help="Record the server with py-spy during roompay at c=16 (raw stacks)."),
+        typer.Option(
+            help="Record the server with py-spy during roompay at c=16 (raw stacks of the"
+            " thread holding the GIL)."
+        ),
     ] = None,
 ) -> None:
     """The whole suite: pay -> start, checkout, fleet and feed, with the bare baseline."""

@@ -95,12 +95,15 @@ def tables(results: dict[str, Any]) -> list[Table]:
     stages.add_column("notify answered", justify="right")
     for name in columns:
         stages.add_column(name.replace("command_", "cmd "), justify="right")
+    stages.add_column("server CPU ms/order (baseline)", justify="right")
     for row in results["pay_to_start"]:
         ours = row["roompay"]
         stages.add_row(
             str(row["concurrency"]),
             f"{ours['notify_p50_ms']:.1f}",
             *(f"{ours['stages_ms'].get(name, 0.0):.1f}" for name in columns),
+            f"{ours.get('cpu_ms_per_order', 0.0):.2f}"
+            f" ({row['baseline'].get('cpu_ms_per_order', 0.0):.2f})",
         )
     other = Table(title="checkout, fleet, feed")
     for column in ("measure", "figures"):

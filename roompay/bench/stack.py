@@ -98,6 +98,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, in seconds (/proc/<pid>/stat)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def mosquitto_pid(port: int) -> int | None:
     """The pid of the Mosquitto listening on `port` (the system's, via pgrep)."""
     found = subprocess.run(

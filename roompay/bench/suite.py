@@ -30,7 +30,7 @@ from roompay.bench.pay_to_start import (
     roompay_job,
 )
 from roompay.bench.report import ratio, targets
-from roompay.bench.stack import Stack, open_stack
+from roompay.bench.stack import Stack, cpu_seconds, open_stack
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_MQTT = "own"
@@ -146,11 +146,15 @@ async def _phases(options: BenchOptions, stack: Stack) -> dict[str, Any]:
     for level in levels:
         items = prepared[level]
         _say(options, f"pay -> start at c={level}: baseline, then roompay ({len(items)} orders)")
+        used = cpu_seconds(stack.baseline.pid)
         base = (await closed_loop(stack, stack.baseline_port, baseline_job, items, level)).figures()
+        base["cpu_ms_per_order"] = _cpu_per_order(stack.baseline.pid, used, len(items))
         spy = _start_profile(options, stack, level)
+        used = cpu_seconds(stack.server.pid)
         ours = (
             await closed_loop(stack, stack.server_port, roompay_job(stack), items, level)
         ).figures()
+        ours["cpu_ms_per_order"] = _cpu_per_order(stack.server.pid, used, len(items))
         _stop_profile(spy)
         ours["stages_ms"] = await stack.stages([item.order_id for item in items])
         await stack.end_runs()
@@ -189,10 +193,15 @@ async def _phases(options: BenchOptions, stack: Stack) -> dict[str, Any]:
     }
 
 
+def _cpu_per_order(pid: int, before_s: float, orders: int) -> float:
+    """The server process's CPU time per order since `before_s`, in ms (0 if none)."""
+    return round((cpu_seconds(pid) - before_s) * 1000 / orders, 2) if orders else 0.0
+
+
 def _start_profile(
     options: BenchOptions, stack: Stack, level: int
 ) -> "subprocess.Popen[bytes] | None":
-    """py-spy on the server while roompay runs at c=16, if asked for."""
+    """py-spy on the server while roompay runs at c=16, if asked for (GIL holder only)."""
     if options.profile is None or level != 16:
         return None
     spy = Path(sys.executable).parent / "py-spy"
@@ -209,6 +218,9 @@ def _start_profile(
             "--output",
             str(options.profile),
             "--nonblocking",
+            # Only the thread holding the GIL: the server is one interpreter, so that is
+            # where its time goes (a thread waiting in poll() would count as busy).
+            "--gil",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -9,7 +9,8 @@ and the client reconnects, which re-checks its token and caps how long a proxy h
 One `FeedHub` per process polls the database for every subscriber: a hundred open
 dashboards cost one query every `HUB_POLL_S`, not a hundred, and each sees a new step
 within one poll. The hot path (payments, accepted starts, run events) also pokes the
-hub when it commits steps, so those are read at once rather than at the next poll. Each
+hub when it commits steps, so those are read at once; the poll finds the rest (staff
+actions, refunds, re-sent commands, other server processes) within a quarter second. Each
 step is rendered once for every stream, and a stream sends what it has as one chunk.
 A stream first catches up from the database on its own, then follows the hub; one that
 falls behind the hub's buffer catches up from the database again.
@@ -37,7 +38,7 @@ from roompay.services.dashboard import ORDER_ROLES, require_role
 from roompay.services.errors import ErrorKind, ServiceError, invalid
 from roompay.web.deps import get_ctx
 
-HUB_POLL_S = 0.05
+HUB_POLL_S = 0.25
 HUB_BUFFER = 2000
 # Ids re-read behind the newest seen: a transaction that took an id earlier may commit
 # after a later one, and its step must still reach the feed.

@@ -40,10 +40,9 @@ from roompay.protocol.messages import (
 from roompay.protocol.topics import EventName, ParsedTopic, TopicKind
 from roompay.services.context import ServiceContext
 from roompay.services.dispatch import fail_start
-from roompay.services.payments import insert_steps
 from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
 from roompay.services.timeline import record_event
-from roompay.services.webhooks import Step, queue_deliveries
+from roompay.services.webhooks import Step, insert_steps, queue_deliveries
 from roompay.store import hot_path
 from roompay.store.db import transaction
 from roompay.store.models import (
@@ -203,7 +202,7 @@ def _start_accepted(
     conn = session.connection()
     params = {"p_cmd_id": ack.cmd_id, "p_code": code, "p_now": now, "p_answer": _answer(ack)}
     detail = {"cmd_id": ack.cmd_id, "run_id": ack.run_id}
-    if conn.dialect.name == "postgresql":
+    if hot_path.fused(conn):
         row = conn.execute(
             hot_path.ACCEPT_START_RECORDED,
             params | {"p_step_event": "command_accepted", "p_step_detail": detail},
@@ -326,7 +325,7 @@ def _run_event_fast(
         "p_received_at": now,
     }
     webhooks = order.webhook_endpoint is not None
-    if conn.dialect.name == "postgresql":
+    if hot_path.fused(conn):
         _run_event_in_one(session, event, keep, moves_from, webhooks=webhooks)
         return True
     kept = conn.execute(hot_path.KEEP_RUN_EVENT[conn.dialect.name], keep).scalar()

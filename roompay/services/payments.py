@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roompay.domain import ledger as rules
@@ -20,13 +20,13 @@ from roompay.domain.catalog import Wallet
 from roompay.domain.orders import OrderStatus, can_move
 from roompay.logs import order_context
 from roompay.payments.base import PaymentNotification, TradeSnapshot, TradeState
-from roompay.protocol.messages import StartCommand, StartCommandBody, StopCommandBody
+from roompay.protocol.messages import StartCommand, StartCommandBody, StopCommand, StopCommandBody
 from roompay.protocol.signing import DEFAULT_KEY_ID, device_key, sign_command
 from roompay.services.context import ServiceContext
 from roompay.services.ledger import entry_rows, insert_entry, post_payment
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
-from roompay.services.webhooks import Step, queue_deliveries
+from roompay.services.webhooks import Step, insert_steps, queue_deliveries
 from roompay.store import hot_path
 from roompay.store.models import Command, Device, Order, PaymentNotice
 from roompay.store.writer import AfterCommit, Job
@@ -271,16 +271,8 @@ def next_command_seq(session: Session, device_id: int) -> int:
     One UPDATE both locks the device and counts on from its last number, so two
     transactions issuing commands to one device never take the same number.
     """
-    return int(
-        session.connection()
-        .execute(
-            update(Device)
-            .where(Device.id == device_id)
-            .values(command_seq=Device.command_seq + 1)
-            .returning(Device.command_seq)
-        )
-        .scalar_one()
-    )
+    numbered = session.connection().execute(hot_path.NEXT_COMMAND_SEQ, {"p_device_id": device_id})
+    return int(numbered.one().command_seq)
 
 
 def queue_start(ctx: ServiceContext, session: Session, order: Order) -> Command:
@@ -318,22 +310,44 @@ def add_signed_command(
     body: StartCommandBody | StopCommandBody,
 ) -> Command:
     """Sign `body` with the device's key and add it to the outbox, due at once."""
-    key = device_key(ctx.settings.secret_key.encode(), device.code, body.key_id)
-    command = sign_command(body, key, device.code)
-    row = Command(
-        id=command.cmd_id,
-        order_id=order_id,
-        device_id=device.id,
-        kind=kind,
-        status="pending",
-        payload=command.model_dump(mode="json"),
-        attempts=0,
-        created_at=body.issued_at,
-        next_attempt_at=body.issued_at,
-        deadline_at=body.expires_at,
-    )
+    _, values = signed_outbox_row(ctx, device.code, device.id, order_id, kind, body)
+    row = Command(**values)
     session.add(row)
     return row
+
+
+def signed_outbox_row(
+    ctx: ServiceContext,
+    code: str,
+    device_id: int,
+    order_id: str,
+    kind: str,
+    body: StartCommandBody | StopCommandBody,
+    *,
+    sent: bool = False,
+) -> tuple[StartCommand | StopCommand, dict[str, Any]]:
+    """Sign `body` with the device's key; the signed command and its outbox row.
+
+    Due at once; or, with `sent`, counted as sent now (it is published at commit) and
+    due again after `command_resend_s`.
+    """
+    key = device_key(ctx.settings.secret_key.encode(), code, body.key_id)
+    command = sign_command(body, key, code)
+    now = body.issued_at
+    resend = timedelta(seconds=ctx.settings.command_resend_s)
+    return command, {
+        "id": command.cmd_id,
+        "order_id": order_id,
+        "device_id": device_id,
+        "kind": kind,
+        "status": "sent" if sent else "pending",
+        "payload": command.model_dump(mode="json"),
+        "attempts": 1 if sent else 0,
+        "created_at": now,
+        "next_attempt_at": now + resend if sent else now,
+        "deadline_at": body.expires_at,
+        "sent_at": now if sent else None,
+    }
 
 
 # --- the common case in a few statements ------------------------------------------------
@@ -364,7 +378,7 @@ def pay_and_start(
         "p_provider_trade_no": evidence.provider_trade_no,
     }
     day = rules.beijing_day(paid_at)
-    fused = conn.dialect.name == "postgresql"
+    fused = hot_path.fused(conn)
     order: Any
     terms: Any
     numbered: Any
@@ -468,22 +482,8 @@ def _start_command(
         seq=numbered.command_seq,
         key_id=numbered.key_id or DEFAULT_KEY_ID,
     )
-    key = device_key(ctx.settings.secret_key.encode(), code, body.key_id)
-    command = sign_command(body, key, code)
-    resend = timedelta(seconds=ctx.settings.command_resend_s)
-    row = {
-        "id": command.cmd_id,
-        "order_id": order_id,
-        "device_id": order.device_id,
-        "kind": "start",
-        "status": "sent" if sent else "pending",
-        "payload": command.model_dump(mode="json"),
-        "attempts": 1 if sent else 0,
-        "created_at": now,
-        "next_attempt_at": now + resend if sent else now,
-        "deadline_at": deadline,
-        "sent_at": now if sent else None,
-    }
+    command, row = signed_outbox_row(ctx, code, order.device_id, order_id, "start", body, sent=sent)
+    assert isinstance(command, StartCommand)  # a start body signs into a start command
     return _Written(command.cmd_id, code, command, row)
 
 
@@ -503,33 +503,6 @@ def _fees(terms: Any) -> rules.FeeSchedule:
         raise rules.LedgerError("no provider fee schedule in force")
     return rules.FeeSchedule(
         terms.f_effective_from, terms.f_rate_bp, rules.RefundFeeRule(terms.f_refund_rule)
-    )
-
-
-def insert_steps(
-    session: Session,
-    order_id: str,
-    at: datetime,
-    steps: list[tuple[str, dict[str, Any]]],
-    *,
-    webhooks: bool,
-) -> None:
-    """Append steps to an order's timeline in one statement; queue their webhooks if asked.
-
-    `webhooks` says the order's hotel has an active endpoint (the caller has read it).
-    """
-    rows = [
-        {"order_id": order_id, "at": at, "event": name, "detail": detail} for name, detail in steps
-    ]
-    conn = session.connection()
-    if not webhooks:
-        conn.execute(hot_path.INSERT_STEPS, rows)
-        return
-    ids = conn.execute(hot_path.INSERT_STEPS_RETURNING_IDS, rows).scalars()
-    queue_deliveries(
-        session,
-        [Step(step_id, order_id, name) for step_id, (name, _) in zip(ids, steps, strict=True)],
-        at,
     )
 
 

@@ -33,6 +33,7 @@ from roompay.services.context import ServiceContext
 from roompay.services.errors import ErrorKind, ServiceError, invalid, not_found
 from roompay.services.feed import feed_items
 from roompay.services.staff import audit
+from roompay.store import hot_path
 from roompay.store.db import transaction
 from roompay.store.models import Hotel, Order, OrderEvent, WebhookDelivery, WebhookEndpoint
 
@@ -157,6 +158,33 @@ def queue_deliveries(session: Session, steps: Sequence[Step], now: datetime) -> 
     records = [step for step in steps if step.event in RECORD_EVENTS]
     if records and _queue(session, records, now):
         session.info[_QUEUED] = True
+
+
+def insert_steps(
+    session: Session,
+    order_id: str,
+    at: datetime,
+    steps: list[tuple[str, dict[str, Any]]],
+    *,
+    webhooks: bool,
+) -> None:
+    """Append steps to an order's timeline in one statement; queue their webhooks if asked.
+
+    `webhooks` says the order's hotel has an active endpoint (the caller has read it).
+    """
+    rows = [
+        {"order_id": order_id, "at": at, "event": name, "detail": detail} for name, detail in steps
+    ]
+    conn = session.connection()
+    if not webhooks:
+        conn.execute(hot_path.INSERT_STEPS, rows)
+        return
+    ids = conn.execute(hot_path.INSERT_STEPS_RETURNING_IDS, rows).scalars()
+    queue_deliveries(
+        session,
+        [Step(step_id, order_id, name) for step_id, (name, _) in zip(ids, steps, strict=True)],
+        at,
+    )
 
 
 def _queue(session: Session, steps: Sequence[Step], now: datetime) -> bool:

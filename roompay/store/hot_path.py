@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     ScalarSelect,
     Select,
     and_,
@@ -49,6 +50,13 @@ from roompay.store.models import (
 )
 
 OPEN_COMMAND = ("pending", "sent")
+
+
+def fused(connection: Connection) -> bool:
+    """Tell whether this database runs the fused statements below (data-modifying CTEs:
+    PostgreSQL); SQLite runs their parts one by one."""
+    return connection.dialect.name == "postgresql"
+
 
 # --- payments ----------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ async def _handle(request: Request, wallet: Wallet) -> Response:
         reply = provider.reply_fail("verification failed")
         # 400 whatever the provider: the notify is not ours to accept.
         return Response(reply.body, status_code=400, media_type=reply.media_type)
+    # A recent checkout's appliance is known in memory: no thread hop for the lookup.
     key = ctx.order_devices.get(notice.out_trade_no)
     if key is None:
         key = await run_in_threadpool(writer_key, ctx, notice.out_trade_no)

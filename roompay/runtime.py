@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
 from roompay.domain.catalog import Wallet
@@ -59,6 +60,7 @@ class Runtime:
     ctx: ServiceContext = field(init=False)
     link: MqttLink | None = field(init=False, default=None)
     writer: StripedWriter | None = field(init=False, default=None)
+    _writer_engines: list[Engine] = field(init=False, default_factory=list, repr=False)
     _backend_password: str | None = field(init=False, default=None, repr=False)
     _backend_hash: str = field(init=False, default="", repr=False)
     _broker_users: dict[str, str] = field(init=False, default_factory=dict, repr=False)
@@ -141,8 +143,7 @@ class Runtime:
     def start(self) -> None:
         """Start the writer, connect to the broker and start dispatching commands."""
         endpoint = self.mqtt_endpoint()
-        stripes = 1 if self.engine.dialect.name == "sqlite" else WRITER_STRIPES
-        self.writer = StripedWriter(self.ctx.sessions, stripes)
+        self.writer = StripedWriter(self._writer_sessions())
         self.writer.start()
         self.ctx.writer = self.writer
         # The handler threads only parse device messages and wait for the writer.
@@ -158,6 +159,17 @@ class Runtime:
         self.ctx.publisher = self.link
         self._start_workers(self.link)
         log.info("server runtime started", extra={"mqtt": f"{endpoint.host}:{endpoint.port}"})
+
+    def _writer_sessions(self) -> list[sessionmaker[Session]]:
+        """One session factory per writer: SQLite has one writer on the shared engine;
+        each PostgreSQL writer has its own connection, kept (see `StripedWriter`)."""
+        if self.engine.dialect.name == "sqlite":
+            return [self.ctx.sessions]
+        url = self.settings.resolved_database_url
+        # Two in the pool: the writer's, and one for a job run on its caller's thread
+        # while the writer stops (see `BatchWriter.submit`).
+        self._writer_engines = [make_engine(url, pool_size=2) for _ in range(WRITER_STRIPES)]
+        return [session_factory(engine) for engine in self._writer_engines]
 
     def _start_workers(self, link: MqttLink) -> None:
         ctx = self.ctx
@@ -198,6 +210,9 @@ class Runtime:
             self.broker = None
         for provider in self.providers.values():
             provider.close()
+        for engine in self._writer_engines:
+            engine.dispose()
+        self._writer_engines = []
         self.engine.dispose()
 
     def _on_message(self, _topic: str, parsed: ParsedTopic, payload: bytes) -> None:

@@ -207,12 +207,22 @@ class StripedWriter:
     (no deadlock) and an appliance's messages are applied in the order they came. On
     PostgreSQL several writers keep several transactions in flight at once; SQLite has
     one writer at a time anyway, so it gets one stripe.
+
+    Each stripe gets its own session factory: on PostgreSQL the runtime binds each to
+    a one-connection pool, so a writer keeps its connection and the statements
+    psycopg prepared on it (a pooled connection shared with readers loses them at the
+    readers' every ROLLBACK, and is parsed and planned again each time).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], stripes: int = 1) -> None:
-        if stripes < 1:
+    def __init__(
+        self, sessions: "sessionmaker[Session] | list[sessionmaker[Session]]", stripes: int = 1
+    ) -> None:
+        per_stripe = sessions if isinstance(sessions, list) else [sessions] * stripes
+        if not per_stripe:
             raise ValueError("a striped writer has at least one stripe")
-        self._stripes = [BatchWriter(sessions, name=f"writer-{i}") for i in range(stripes)]
+        self._stripes = [
+            BatchWriter(factory, name=f"writer-{i}") for i, factory in enumerate(per_stripe)
+        ]
 
     @property
     def stripes(self) -> int:

@@ -1,16 +1,20 @@
 """The batch writer on a real database: order, batches, failures alone, after-commit only;
-and the striped writer: one appliance's jobs in order on one writer, others beside them."""
+the striped writer: one appliance's jobs in order on one writer, others beside them; and a
+server's writers on PostgreSQL, each on a connection of its own."""
 
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from roompay.store import hot_path
 from roompay.store.db import make_engine, session_factory
+from roompay.store.models import Device
 from roompay.store.writer import AfterCommit, BatchWriter, Job, StripedWriter
+from tests.support.server import Stack
 from tests.support.services import postgres_reachable, scratch_postgres_database
 
 metadata = MetaData()
@@ -254,3 +258,31 @@ def test_a_job_that_waits_for_another_writer_is_refused(sessions: sessionmaker[S
     finally:
         writer.stop()
     assert _texts(sessions) == []
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["services"], indirect=True)
+def test_a_servers_writer_keeps_its_connection_and_prepared_statements(stack: Stack) -> None:
+    """On PostgreSQL each writer owns its connection: readers' rollbacks on the shared
+    pool do not throw away what psycopg prepared on it, nor does a job land elsewhere."""
+    ctx = stack.runtime.ctx
+    code = stack.device_codes[0]
+
+    def heartbeat(session: Session, _after: AfterCommit) -> int:
+        conn = session.connection()
+        conn.execute(hot_path.HEARTBEAT, {"p_code": code, "p_now": ctx.clock.now()})
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    def prepared(session: Session, _after: AfterCommit) -> int:
+        query = text(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'UPDATE devices%'"
+        )
+        return int(session.connection().execute(query).scalar_one())
+
+    pids = set()
+    for _ in range(8):
+        pids.add(ctx.execute(heartbeat, code))
+        with ctx.sessions() as session:  # a reader: ends with a ROLLBACK on the shared pool
+            session.execute(select(Device.id).where(Device.code == code)).all()
+    assert len(pids) == 1
+    assert ctx.execute(prepared, code) >= 1

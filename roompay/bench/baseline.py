@@ -12,6 +12,7 @@ in a worker thread, as psycopg has no SQLite.
 """
 
 import asyncio
+import gc
 import json
 import sqlite3
 import sys
@@ -178,6 +179,7 @@ def create_baseline_app(config: BaselineConfig) -> Starlette:
 def main() -> None:
     """Serve the baseline with the config file named on the command line."""
     config = BaselineConfig(**json.loads(Path(sys.argv[1]).read_text()))
+    gc.freeze()  # as `roompay serve` does, so both servers are measured alike
     uvicorn.run(
         create_baseline_app(config),
         host="127.0.0.1",

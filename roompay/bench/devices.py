@@ -17,6 +17,7 @@ sends `end`, `stats` or `quit`; the child answers each.
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 import uuid
@@ -210,6 +211,10 @@ async def _serve(spec: FleetSpec, conn: Connection) -> None:
     started = time.perf_counter()
     gate = asyncio.Semaphore(CONNECT_PARALLEL)
     await asyncio.gather(*(_boot(fleet, code, gate) for code in spec.codes))
+    # The connected appliances live as long as the process: out of the collector's
+    # full passes, which would pause every appliance here at once (as in the server).
+    gc.collect()
+    gc.freeze()
     beats = asyncio.create_task(_heartbeats(fleet))
     conn.send(("ready", {"devices": len(fleet.clients), "s": time.perf_counter() - started}))
     loop = asyncio.get_running_loop()

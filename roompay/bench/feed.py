@@ -109,7 +109,12 @@ async def run_feed(
         each_seen += [t * 1000 for t in times]
         if len(times) == subscribers:
             all_seen.append(max(times) * 1000)
-    errors = len(warming.errors) + len(sample.errors) + missed + sum(1 for s in subs if s.error is not None)
+    errors = (
+        len(warming.errors)
+        + len(sample.errors)
+        + missed
+        + sum(1 for s in subs if s.error is not None)
+    )
     return {
         "subscribers": subscribers,
         "starts": len(items),

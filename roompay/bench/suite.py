@@ -52,6 +52,11 @@ class Sizes:
     heartbeat_s: float = 30.0
     warmup: int = 10
 
+    @property
+    def feed_orders(self) -> int:
+        """Orders the feed phase pays: its measured starts and its warm-up."""
+        return self.feed_starts + WARMUP_STARTS
+
 
 FULL = Sizes("full", {1: 200, 16: 1000, 64: 2000}, 10_000, 100.0, 60.0, 100, 50)
 QUICK = Sizes("quick", {1: 50, 16: 200, 64: 400}, 1_000, 100.0, 10.0, 100, 20)
@@ -91,8 +96,7 @@ def _say(options: BenchOptions, message: str) -> None:
 async def _suite(options: BenchOptions, work_dir: Path) -> dict[str, Any]:
     began = time.perf_counter()
     sizes = options.sizes
-    feed_starts = sizes.feed_starts + WARMUP_STARTS
-    first = min(sizes.fleet_devices, max([*sizes.orders.values(), feed_starts, sizes.warmup]))
+    first = min(sizes.fleet_devices, max([*sizes.orders.values(), sizes.feed_orders, sizes.warmup]))
     _say(options, f"starting the stack ({first} appliances first)")
     stack = await open_stack(
         work_dir,
@@ -144,7 +148,7 @@ async def _measure(options: BenchOptions, stack: Stack) -> dict[str, Any]:
         )
         if level == 1:
             checkout_ms = times
-    feed_items, _ = await stack.prepare(codes[: sizes.feed_starts + WARMUP_STARTS])
+    feed_items, _ = await stack.prepare(codes[: sizes.feed_orders])
 
     _quiet_collector()
     _say(options, "warming up")

@@ -214,14 +214,12 @@ class StripedWriter:
     readers' every ROLLBACK, and is parsed and planned again each time).
     """
 
-    def __init__(
-        self, sessions: "sessionmaker[Session] | list[sessionmaker[Session]]", stripes: int = 1
-    ) -> None:
-        per_stripe = sessions if isinstance(sessions, list) else [sessions] * stripes
-        if not per_stripe:
+    def __init__(self, sessions: list[sessionmaker[Session]]) -> None:
+        """One writer per session factory given."""
+        if not sessions:
             raise ValueError("a striped writer has at least one stripe")
         self._stripes = [
-            BatchWriter(factory, name=f"writer-{i}") for i, factory in enumerate(per_stripe)
+            BatchWriter(factory, name=f"writer-{i}") for i, factory in enumerate(sessions)
         ]
 
     @property

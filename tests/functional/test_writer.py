@@ -194,7 +194,7 @@ def _keys_on_two_stripes(writer: StripedWriter) -> tuple[str, str]:
 def test_a_busy_appliance_does_not_hold_back_another_ones_jobs(
     postgres_sessions: sessionmaker[Session],
 ) -> None:
-    writer = StripedWriter(postgres_sessions, stripes=4)
+    writer = StripedWriter([postgres_sessions] * 4)
     writer.start()
     log: list[str] = []
     busy, free = _keys_on_two_stripes(writer)
@@ -228,7 +228,7 @@ def test_a_busy_appliance_does_not_hold_back_another_ones_jobs(
 def test_one_appliances_jobs_go_to_one_writer_in_the_order_submitted(
     sessions: sessionmaker[Session],
 ) -> None:
-    writer = StripedWriter(sessions, stripes=4)
+    writer = StripedWriter([sessions] * 4)
     writer.start()
     log: list[str] = []
     try:
@@ -243,7 +243,7 @@ def test_one_appliances_jobs_go_to_one_writer_in_the_order_submitted(
 
 
 def test_a_job_that_waits_for_another_writer_is_refused(sessions: sessionmaker[Session]) -> None:
-    writer = StripedWriter(sessions, stripes=4)
+    writer = StripedWriter([sessions] * 4)
     writer.start()
     log: list[str] = []
     first, other = _keys_on_two_stripes(writer)

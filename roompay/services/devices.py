@@ -43,7 +43,7 @@ from roompay.services.dispatch import fail_start
 from roompay.services.refunds import cancel_unsent_refund, request_refund, settle_order_status
 from roompay.services.timeline import record_event
 from roompay.services.webhooks import Step, insert_steps, queue_deliveries
-from roompay.store import hot_path
+from roompay.store import driver, hot_path
 from roompay.store.db import transaction
 from roompay.store.models import (
     AuditEntry,
@@ -203,10 +203,11 @@ def _start_accepted(
     params = {"p_cmd_id": ack.cmd_id, "p_code": code, "p_now": now, "p_answer": _answer(ack)}
     detail = {"cmd_id": ack.cmd_id, "run_id": ack.run_id}
     if hot_path.fused(conn):
-        row = conn.execute(
+        row = driver.first(
+            conn,
             hot_path.ACCEPT_START_RECORDED,
             params | {"p_step_event": "command_accepted", "p_step_detail": detail},
-        ).first()
+        )
         if row is None:
             return False
     else:
@@ -309,7 +310,7 @@ def _run_event_fast(
     else:
         return None
     conn = session.connection()
-    order = conn.execute(hot_path.RUN_ORDER, {"p_order_id": event.order_id, "p_code": code}).first()
+    order = driver.first(conn, hot_path.RUN_ORDER, {"p_order_id": event.order_id, "p_code": code})
     if order is None or order.status != moves_from.value or order.refunds:
         return None
     now = ctx.clock.now()
@@ -360,10 +361,10 @@ def _run_event_in_one(
             "p_actual_run_s": detail["actual_run_s"],
             "p_end_reason": detail["reason"],
         }
-    row = (
-        session.connection()
-        .execute(statement, keep | params | {"p_step_event": step, "p_step_detail": detail})
-        .first()
+    row = driver.first(
+        session.connection(),
+        statement,
+        keep | params | {"p_step_event": step, "p_step_detail": detail},
     )
     if row is not None and webhooks:
         queue_deliveries(session, [Step(row.step_id, event.order_id, step)], keep["p_received_at"])

@@ -27,7 +27,7 @@ from roompay.services.ledger import entry_rows, insert_entry, post_payment
 from roompay.services.refunds import request_refund
 from roompay.services.timeline import record_event
 from roompay.services.webhooks import Step, insert_steps, queue_deliveries
-from roompay.store import hot_path
+from roompay.store import driver, hot_path
 from roompay.store.models import Command, Device, Order, PaymentNotice
 from roompay.store.writer import AfterCommit, Job
 
@@ -384,9 +384,9 @@ def pay_and_start(
     numbered: Any
     if fused:
         # One round trip: paid, numbered and the terms (the row holds all three).
-        order = terms = numbered = conn.execute(
-            hot_path.PAY_NUMBER_AND_TERMS, pay | {"p_day": day}
-        ).first()
+        order = terms = numbered = driver.first(
+            conn, hot_path.PAY_NUMBER_AND_TERMS, pay | {"p_day": day}
+        )
         if order is None:
             return None
     else:
@@ -423,12 +423,13 @@ def pay_and_start(
     }
     if fused:
         entry, lines = entry_rows(posting, **booking)
-        recorded = conn.execute(
+        recorded = driver.rows(
+            conn,
             hot_path.payment_writes(len(lines), len(steps)),
             hot_path.payment_write_params(
                 entry, lines, command.row, steps, notice, order_id=order_id, at=now
             ),
-        ).all()
+        )
         if webhooks:
             queue_deliveries(session, [Step(r.id, order_id, r.event) for r in recorded], now)
     else:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     case,
     exists,
     insert,
+    or_,
     select,
     true,
     union_all,
@@ -50,6 +51,12 @@ from roompay.store.models import (
 )
 
 OPEN_COMMAND = ("pending", "sent")
+
+
+def _open(status: InstrumentedAttribute[str]) -> ColumnElement[bool]:
+    """A command still open, without an expanding IN: such a list is rendered again at
+    each execution, and `store.driver` runs only statements compiled once."""
+    return or_(*(status == value for value in OPEN_COMMAND))
 
 
 def fused(connection: Connection) -> bool:
@@ -351,7 +358,7 @@ ACCEPT_START = (
     .where(
         Command.id == bindparam("p_cmd_id"),
         Command.kind == "start",
-        Command.status.in_(OPEN_COMMAND),
+        _open(Command.status),
         Command.device_id
         == select(Device.id).where(Device.code == bindparam("p_code")).scalar_subquery(),
     )

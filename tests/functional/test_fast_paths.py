@@ -42,9 +42,12 @@ from roompay.store.models import (
     PaymentNotice,
     Program,
     ProviderFeeSchedule,
+    RunEventRecord,
 )
 from roompay.store.writer import run_alone
+from tests.support.devices import device_agents
 from tests.support.server import Stack
+from tests.support.waiting import wait_for
 
 _serial = count()
 
@@ -303,3 +306,63 @@ def test_a_checkout_remembers_its_appliance_and_old_ones_are_forgotten(
     for n in range(3):
         recent.remember(f"o{n}", f"D{n}")
     assert [recent.get(f"o{n}") for n in range(3)] == [None, "D1", "D2"]
+
+
+def test_a_paid_order_runs_with_each_answer_and_step_recorded_by_the_fast_paths(
+    stack: Stack,
+) -> None:
+    """Through the running server, on both backends: the payment, the device's accepted
+    answer, its `started` and its `ended` all take the fast paths (on PostgreSQL, the
+    statements psycopg runs itself) and record what the ORM path would."""
+    device = stack.device_codes[0]
+    with device_agents(stack, [device]), stack.client() as http:
+        response = http.post(
+            "/api/v1/checkout", json={"device": device, "program": "dry30", "wallet": "wechat"}
+        )
+        assert response.status_code == 201, response.text
+        order_id = response.json()["order_id"]
+        qr = response.json()["qr"]
+        assert http.post("/sandbox/pay", json={"qr": qr}).status_code == 200
+        wait_for(
+            lambda: http.get(f"/api/v1/orders/{order_id}").json()["status"] == "completed",
+            20,
+            "completed",
+        )
+    with stack.runtime.ctx.sessions() as session:
+        command = session.scalars(select(Command).where(Command.order_id == order_id)).one()
+        steps = session.execute(
+            select(OrderEvent.event, OrderEvent.detail)
+            .where(OrderEvent.order_id == order_id)
+            .order_by(OrderEvent.id)
+        ).all()
+        runs = session.scalars(
+            select(RunEventRecord).where(RunEventRecord.order_id == order_id)
+        ).all()
+        order = session.get_one(Order, order_id)
+        appliance = session.scalars(select(Device).where(Device.code == device)).one()
+    # The start command was answered once: accepted, after it was written
+    assert (command.kind, command.status, command.answer) == ("start", "accepted", "accepted")
+    assert command.answered_at is not None
+    assert command.answered_at.tzinfo is UTC
+    assert command.answered_at >= command.created_at
+    # The timeline holds each step once, in order, with the run the device named
+    started = next(run for run in runs if run.event == "started")
+    assert [event for event, _ in steps] == [
+        "created",
+        "qr_issued",
+        "paid",
+        "command_queued",
+        "command_sent",
+        "command_accepted",
+        "started",
+        "ended",
+    ]
+    assert steps[4][1] == {"cmd_id": command.id}
+    assert steps[5][1] == {"cmd_id": command.id, "run_id": started.run_id}
+    assert steps[6][1] == {"run_id": started.run_id}
+    assert steps[7][1] == {"reason": "completed", "actual_run_s": started.remaining_s}
+    # The order ran for its program and the appliance is free again
+    assert (order.status, order.end_reason) == ("completed", "completed")
+    assert order.started_at is not None
+    assert order.started_at.tzinfo is UTC
+    assert (appliance.state, appliance.current_order_id) == ("idle", None)

@@ -20,7 +20,7 @@ from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
 from roompay.protocol.topics import ParsedTopic, Topics
 from roompay.services.context import ServiceContext
-from roompay.services.devices import handle_device_message, mark_silent_devices_offline
+from roompay.services.devices import mark_silent_devices_offline, submit_device_message
 from roompay.services.dispatch import dispatch_due
 from roompay.services.expiry import sweep_unpaid
 from roompay.services.metrics import Metrics
@@ -216,7 +216,7 @@ class Runtime:
         self.engine.dispose()
 
     def _on_message(self, _topic: str, parsed: ParsedTopic, payload: bytes) -> None:
-        handle_device_message(self.ctx, parsed, payload)
+        submit_device_message(self.ctx, parsed, payload)
 
     def _orders_by_status(self) -> dict[str, int]:
         with self.ctx.sessions() as session:

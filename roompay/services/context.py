@@ -3,6 +3,7 @@
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -101,6 +102,20 @@ class ServiceContext:
         if self.writer is not None:
             return self.writer.run(job, key)
         return run_alone(self.sessions, job)
+
+    def submit(self, job: Job[T], key: str, *, urgent: bool = False) -> "Future[T]":
+        """Queue a job for the writer and return at once; the future has its outcome.
+
+        Without a writer the job runs alone now, and the future is already done.
+        """
+        if self.writer is not None:
+            return self.writer.submit(job, key, urgent=urgent)
+        done: Future[T] = Future()
+        try:
+            done.set_result(run_alone(self.sessions, job))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     def steps_written(self) -> None:
         """Tell the feed that order steps were committed (whoever listens by then)."""

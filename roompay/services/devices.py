@@ -11,6 +11,7 @@ fault code and the device's time, which is where staff find what went wrong and 
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -68,6 +69,36 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
     job = device_message_job(ctx, topic, payload)
     if job is not None:
         ctx.execute(job, topic.code)
+
+
+def submit_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
+    """Queue one message from a device for its appliance's writer and return at once.
+
+    The device link's handler threads only decode and hand over: a thread that waited
+    for each commit kept one message of its appliances in flight, so the writers
+    committed small batches and every message cost two more thread wake-ups. The
+    writer applies an appliance's messages in the order given, answers to commands
+    first (`urgent`), as the link hands them over; a failure is logged here.
+    """
+    job = device_message_job(ctx, topic, payload)
+    if job is None:
+        return
+    answer = topic.kind is TopicKind.EVT and topic.name is EventName.ACK
+    ctx.submit(job, topic.code, urgent=answer).add_done_callback(
+        lambda done: _log_failure(done, topic)
+    )
+
+
+def _log_failure(done: "Future[None]", topic: ParsedTopic) -> None:
+    failure = done.exception()
+    if failure is not None:
+        log.error(
+            "device message %s/%s from %s failed",
+            topic.kind,
+            topic.name,
+            topic.code,
+            exc_info=failure,
+        )
 
 
 def device_message_job(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> Job[None] | None:

@@ -109,6 +109,7 @@ class BatchWriter:
         self._max_batch = max_batch
         self._name = name
         self._queue: deque[_Pending[Any]] = deque()
+        self._urgent: deque[_Pending[Any]] = deque()
         self._ready = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -119,7 +120,7 @@ class BatchWriter:
     def waiting(self) -> int:
         """How many jobs wait for the writer now."""
         with self._ready:
-            return len(self._queue)
+            return len(self._queue) + len(self._urgent)
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -139,8 +140,11 @@ class BatchWriter:
         if thread is not None:
             thread.join(timeout_s)
 
-    def submit(self, job: Job[T]) -> "Future[T]":
+    def submit(self, job: Job[T], *, urgent: bool = False) -> "Future[T]":
         """Queue a job; the future gets its result once its transaction committed.
+
+        An `urgent` job goes before every job that is not (a device's answer to a
+        command: the command's deadline runs while it waits behind run events).
 
         A writer that is not running runs the job at once on the caller's thread, so
         nothing submitted while the process starts or stops is lost.
@@ -151,7 +155,7 @@ class BatchWriter:
         with self._ready:
             running = self._thread is not None and self._thread.is_alive() and not self._stopping
             if running:
-                self._queue.append(pending)
+                (self._urgent if urgent else self._queue).append(pending)
                 self._ready.notify()
         if not running:
             self._execute([pending])
@@ -165,14 +169,17 @@ class BatchWriter:
         _writer_thread.active = True
         while True:
             with self._ready:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._urgent and not self._stopping:
                     self._ready.wait()
-                if not self._queue:
+                if not self._queue and not self._urgent:
                     return
-                batch = [
-                    self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
-                ]
+                batch = self._take(self._urgent, self._max_batch)
+                batch += self._take(self._queue, self._max_batch - len(batch))
             self._execute(batch)
+
+    @staticmethod
+    def _take(queue: "deque[_Pending[Any]]", most: int) -> list[_Pending[Any]]:
+        return [queue.popleft() for _ in range(min(most, len(queue)))]
 
     def _execute(self, batch: list[_Pending[Any]]) -> None:
         afters = [AfterCommit() for _ in batch]
@@ -256,9 +263,9 @@ class StripedWriter:
         """The writer for jobs about `key`."""
         return self._stripes[zlib.crc32(key.encode()) % len(self._stripes)]
 
-    def submit(self, job: Job[T], key: str) -> "Future[T]":
+    def submit(self, job: Job[T], key: str, *, urgent: bool = False) -> "Future[T]":
         """Queue a job on its key's writer (see `BatchWriter.submit`)."""
-        return self.stripe(key).submit(job)
+        return self.stripe(key).submit(job, urgent=urgent)
 
     def run(self, job: Job[T], key: str) -> T:
         """Submit a job on its key's writer and wait for its result."""

@@ -105,6 +105,30 @@ def test_jobs_waiting_together_commit_together_in_their_order(
     assert log == [f"after n{i}" for i in range(5)]
 
 
+def test_urgent_jobs_go_before_those_waiting_and_keep_their_own_order(
+    sessions: sessionmaker[Session],
+) -> None:
+    writer = BatchWriter(sessions)
+    writer.start()
+    log: list[str] = []
+    try:
+        # Given the writer is busy while run events and then two answers arrive
+        release = _held(writer)
+        futures = [writer.submit(_note(f"run{i}", log)) for i in range(3)]
+        futures += [writer.submit(_note(f"ack{i}", log), urgent=True) for i in range(2)]
+        assert writer.waiting == 5
+        # When it is free again
+        release.set()
+        results = [future.result(10) for future in futures]
+    finally:
+        writer.stop()
+    # Then the answers were applied first, in their order, in the same batch as the rest
+    assert results == ["RUN0", "RUN1", "RUN2", "ACK0", "ACK1"]
+    assert _texts(sessions) == ["ack0", "ack1", "run0", "run1", "run2"]
+    assert (writer.batches, writer.jobs) == (2, 6)
+    assert log == ["after ack0", "after ack1", "after run0", "after run1", "after run2"]
+
+
 def test_a_failing_job_fails_alone_and_its_batch_mates_are_applied(
     sessions: sessionmaker[Session],
 ) -> None:

@@ -14,7 +14,7 @@ from roompay.clock import Clock, IdGenerator, RandomIds, SystemClock
 from roompay.domain.catalog import Wallet
 from roompay.iot.broker import EmbeddedBroker
 from roompay.iot.credentials import BACKEND_USERNAME, generate_password, hash_password
-from roompay.iot.link import HANDLER_THREADS, REPEAT_WINDOW_S, MqttLink
+from roompay.iot.link import REPEAT_WINDOW_S, MqttLink
 from roompay.payments.base import PaymentProvider
 from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
@@ -146,13 +146,14 @@ class Runtime:
         self.writer = StripedWriter(self._writer_sessions())
         self.writer.start()
         self.ctx.writer = self.writer
-        # The handler threads only parse device messages and wait for the writer.
+        # Device messages are decoded and handed to the writers on the link's network
+        # thread: that returns at once, so no handler threads (see `iot.link`).
         self.link = MqttLink(
             endpoint,
             self.topics,
             f"roompay-server-{self.ids.token(4)}",
             self._on_message,
-            handler_threads=HANDLER_THREADS,
+            handler_threads=0,
             repeat_window_s=REPEAT_WINDOW_S,
         )
         self.link.start(timeout_s=10)

@@ -1,11 +1,13 @@
 """The server's side of the device link: commands out, events and state in.
 
-paho's own network thread (`loop_start`) only moves packets: each device message
-is queued for the handler threads (`Inbox`), never handled there. The handler
-writes to the database; run on the network thread it would also hold back every
-PUBACK the broker sends for our own publishes, and with paho's window of 20
-unacknowledged messages full, start commands would wait in paho's queue behind
-run acks until their deadline passed (the fleet simulator's collapse under load).
+paho's own network thread (`loop_start`) only moves packets: a handler that writes
+to the database never runs there. It would hold back every PUBACK the broker sends
+for our own publishes, and with paho's window of 20 unacknowledged messages full,
+start commands would wait in paho's queue behind run acks until their deadline
+passed (the fleet simulator's collapse under load). Such a handler gets handler
+threads (`Inbox`); one that only decodes and hands the message on, as the server's
+does, runs on the network thread itself (`handler_threads=0`): one thread hop less
+for every device message.
 paho reconnects with backoff by itself; every (re)connect subscribes again, so a
 broker restart costs no subscriptions even with a clean session.
 """
@@ -54,10 +56,13 @@ class Inbox:
     def __init__(
         self, handler: MessageHandler, threads: int = HANDLER_THREADS, repeat_window_s: float = 0.0
     ) -> None:
-        if threads < 1 or repeat_window_s < 0:
-            raise ValueError("an inbox needs a thread, and a repeat window is not negative")
+        """With `threads=0` the handler runs on the caller's thread, at once (for a handler
+        that returns at once); copies are dropped all the same."""
+        if threads < 0 or repeat_window_s < 0:
+            raise ValueError("threads and the repeat window are not negative")
         self._handler = handler
-        self._lanes = [_Lane(handler, index, repeat_window_s) for index in range(threads)]
+        self._inline = threads == 0
+        self._lanes = [_Lane(handler, index, repeat_window_s) for index in range(max(threads, 1))]
 
     @property
     def waiting(self) -> int:
@@ -70,14 +75,20 @@ class Inbox:
         return sum(lane.dropped_copies for lane in self._lanes)
 
     def start(self) -> None:
-        """Start the handler threads."""
+        """Start the handler threads (none if the handler runs inline)."""
+        if self._inline:
+            return
         for lane in self._lanes:
             lane.start()
 
     def put(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
-        """Queue a message for its device's thread; returns at once."""
+        """Queue a message for its device's thread and return at once; or, inline, handle
+        it now."""
         lane = self._lanes[zlib.crc32(parsed.code.encode()) % len(self._lanes)]
-        lane.put(topic, parsed, payload)
+        if self._inline:
+            lane.handle_now(topic, parsed, payload)
+        else:
+            lane.put(topic, parsed, payload)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Handle what is already queued, then stop the threads."""
@@ -117,18 +128,29 @@ class _Lane:
             self._thread.start()
 
     def put(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
-        key = (topic, payload)
-        now = time.monotonic()
         with self._ready:
-            while self._recent and next(iter(self._recent.values())) < now - self._repeat_window_s:
-                self._recent.popitem(last=False)
-            if key in self._queued or key in self._recent:
-                self.dropped_copies += 1
+            if not self._admit((topic, payload)):
                 return
-            self._queued.add(key)
             answer = parsed.kind is TopicKind.EVT and parsed.name is EventName.ACK
             (self._answers if answer else self._queue).append((topic, parsed, payload))
             self._ready.notify()
+
+    def handle_now(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        with self._ready:
+            if not self._admit((topic, payload)):
+                return
+        self._handle(topic, parsed, payload)
+
+    def _admit(self, key: tuple[str, bytes]) -> bool:
+        """Mark a message as taken, unless it is a copy (then count it). Lock held."""
+        now = time.monotonic()
+        while self._recent and next(iter(self._recent.values())) < now - self._repeat_window_s:
+            self._recent.popitem(last=False)
+        if key in self._queued or key in self._recent:
+            self.dropped_copies += 1
+            return False
+        self._queued.add(key)
+        return True
 
     def stop(self, timeout_s: float) -> None:
         with self._ready:
@@ -148,17 +170,20 @@ class _Lane:
                 queue = self._answers or self._queue
                 topic, parsed, payload = queue.popleft()
                 # Still marked while handled: a copy arriving meanwhile adds nothing.
-            try:
-                self._handler(topic, parsed, payload)
-            except Exception:
-                # The handler is application code; the thread must survive whatever it does.
-                log.exception("message handler failed on %s", topic)
-            finally:
-                with self._ready:
-                    self._queued.discard((topic, payload))
-                    if self._repeat_window_s > 0:
-                        self._recent[(topic, payload)] = time.monotonic()
-                        self._recent.move_to_end((topic, payload))
+            self._handle(topic, parsed, payload)
+
+    def _handle(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        try:
+            self._handler(topic, parsed, payload)
+        except Exception:
+            # The handler is application code; the thread must survive whatever it does.
+            log.exception("message handler failed on %s", topic)
+        finally:
+            with self._ready:
+                self._queued.discard((topic, payload))
+                if self._repeat_window_s > 0:
+                    self._recent[(topic, payload)] = time.monotonic()
+                    self._recent.move_to_end((topic, payload))
 
 
 class MqttLink:
@@ -320,5 +345,5 @@ class MqttLink:
         except InvalidTopicError as exc:
             log.warning("dropped a message: %s", exc)
             return
-        # Never handled here: this thread must stay free to read the broker's PUBACKs.
+        # Handled here only if the handler returns at once (see the module's docstring).
         self._inbox.put(msg.topic, parsed, bytes(msg.payload))

@@ -157,16 +157,19 @@ def test_an_answer_to_a_command_is_handled_before_run_events_waiting_ahead_of_it
     assert handled == [(run_topic, b"first"), (ack_topic, b"accepted"), (run_topic, b"progress")]
 
 
+@pytest.mark.parametrize("threads", [8, 0], ids=["handler-threads", "inline"])
 def test_a_copy_of_a_device_message_handled_moments_ago_is_dropped(
-    endpoint: MqttEndpoint, stuck: StuckDatabase, topics: Topics
+    endpoint: MqttEndpoint, stuck: StuckDatabase, topics: Topics, threads: int
 ) -> None:
-    # Given a run event a server with the runtime's repeat window has just handled
+    # Given a run event a server with the runtime's repeat window has just handled, on
+    # handler threads or (as the runtime does) on the link's network thread
     stuck.release.set()
     link = MqttLink(
         endpoint,
         topics,
         f"roompay-server-{secrets.token_hex(4)}",
         stuck,
+        handler_threads=threads,
         repeat_window_s=REPEAT_WINDOW_S,
     )
     link.start(timeout_s=WAIT_S)

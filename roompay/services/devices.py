@@ -74,11 +74,11 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
 def submit_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
     """Queue one message from a device for its appliance's writer and return at once.
 
-    The device link's handler threads only decode and hand over: a thread that waited
-    for each commit kept one message of its appliances in flight, so the writers
-    committed small batches and every message cost two more thread wake-ups. The
-    writer applies an appliance's messages in the order given, answers to commands
-    first (`urgent`), as the link hands them over; a failure is logged here.
+    The device link calls it on its network thread: decoding and handing over return at
+    once (a handler thread that waited for each commit kept one message of its
+    appliances in flight, so the writers committed small batches, and every message
+    cost thread wake-ups). The writer applies an appliance's messages in the order
+    given, answers to commands first (`urgent`); a failure is logged here.
     """
     job = device_message_job(ctx, topic, payload)
     if job is None:

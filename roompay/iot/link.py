@@ -27,7 +27,7 @@ from roompay.iot.client import StartupLatch, bring_up, new_client, shut_down
 from roompay.protocol.errors import InvalidTopicError, LinkError
 from roompay.protocol.messages import RunAck, StartCommand, StopCommand, encode
 from roompay.protocol.mqtt_url import MqttEndpoint
-from roompay.protocol.topics import CommandName, EventName, ParsedTopic, TopicKind, Topics
+from roompay.protocol.topics import CommandName, ParsedTopic, Topics
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ class _Lane:
         with self._ready:
             if not self._admit((topic, payload)):
                 return
-            answer = parsed.kind is TopicKind.EVT and parsed.name is EventName.ACK
-            (self._answers if answer else self._queue).append((topic, parsed, payload))
+            (self._answers if parsed.is_answer else self._queue).append((topic, parsed, payload))
             self._ready.notify()
 
     def handle_now(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:

@@ -59,6 +59,12 @@ class ParsedTopic:
     kind: TopicKind
     name: CommandName | EventName | None
 
+    @property
+    def is_answer(self) -> bool:
+        """Tell whether this is a device's answer to a command (`evt/ack`): the server
+        handles those before the device's other waiting messages (its deadline runs)."""
+        return self.kind is TopicKind.EVT and self.name is EventName.ACK
+
 
 def is_valid_code(code: str) -> bool:
     """Tell whether `code` is a well-formed device code."""

@@ -83,8 +83,7 @@ def submit_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
     job = device_message_job(ctx, topic, payload)
     if job is None:
         return
-    answer = topic.kind is TopicKind.EVT and topic.name is EventName.ACK
-    ctx.submit(job, topic.code, urgent=answer).add_done_callback(
+    ctx.submit(job, topic.code, urgent=topic.is_answer).add_done_callback(
         lambda done: _log_failure(done, topic)
     )
 

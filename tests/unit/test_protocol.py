@@ -107,6 +107,20 @@ def test_parse_takes_a_topic_apart(topic: str, expected: ParsedTopic) -> None:
     assert Topics().parse(topic) == expected
 
 
+@pytest.mark.parametrize(
+    ("topic", "answer"),
+    [
+        ("roompay/v1/dev/A-1/evt/ack", True),
+        ("roompay/v1/dev/A-1/evt/run", False),
+        ("roompay/v1/dev/A-1/evt/hb", False),
+        ("roompay/v1/dev/A-1/state", False),
+        ("roompay/v1/dev/A-1/cmd/start", False),
+    ],
+)
+def test_only_an_evt_ack_is_an_answer_to_a_command(topic: str, answer: bool) -> None:
+    assert Topics().parse(topic).is_answer is answer
+
+
 def test_parse_inverts_every_builder() -> None:
     topics = Topics("site/v1")
 

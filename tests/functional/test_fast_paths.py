@@ -47,6 +47,7 @@ from roompay.store.models import (
 from roompay.store.writer import run_alone
 from tests.support.devices import device_agents
 from tests.support.server import Stack
+from tests.support.timeline import PAID_RUN_STEPS
 from tests.support.waiting import wait_for
 
 _serial = count()
@@ -347,16 +348,7 @@ def test_a_paid_order_runs_with_each_answer_and_step_recorded_by_the_fast_paths(
     assert command.answered_at >= command.created_at
     # The timeline holds each step once, in order, with the run the device named
     started = next(run for run in runs if run.event == "started")
-    assert [event for event, _ in steps] == [
-        "created",
-        "qr_issued",
-        "paid",
-        "command_queued",
-        "command_sent",
-        "command_accepted",
-        "started",
-        "ended",
-    ]
+    assert [event for event, _ in steps] == PAID_RUN_STEPS
     assert steps[4][1] == {"cmd_id": command.id}
     assert steps[5][1] == {"cmd_id": command.id, "run_id": started.run_id}
     assert steps[6][1] == {"run_id": started.run_id}

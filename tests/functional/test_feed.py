@@ -11,18 +11,9 @@ from roompay.store.db import transaction
 from roompay.store.models import OrderEvent
 from tests.support.devices import device_agents
 from tests.support.server import Stack
+from tests.support.timeline import PAID_RUN_STEPS
 
 PASSWORD = "correct horse"
-ORDER_STEPS = [
-    "created",
-    "qr_issued",
-    "paid",
-    "command_queued",
-    "command_sent",
-    "command_accepted",
-    "started",
-    "ended",
-]
 
 
 def _other_hotel(stack: Stack) -> tuple[int, str]:
@@ -107,7 +98,7 @@ def test_a_hotels_subscriber_gets_every_step_and_another_hotels_gets_none(stack:
         ).json()["order_id"]
         their_first = next(_frames(their_feed))
     # Then our subscriber saw each step of the order, once, in order, with where and how much
-    assert [item["event"] for item in ours_seen] == ORDER_STEPS
+    assert [item["event"] for item in ours_seen] == PAID_RUN_STEPS
     assert {item["order_id"] for item in ours_seen} == {order_id}
     with stack.runtime.ctx.sessions() as session:
         ids = [e.id for e in session.query(OrderEvent).filter_by(order_id=order_id).order_by("id")]
@@ -149,7 +140,7 @@ def test_a_subscriber_resumes_after_the_last_event_it_saw(stack: Stack) -> None:
                 if item["event"] == "ended":
                     break
     # Then it gets the steps after it, and only those
-    assert [s["event"] for s in steps] == ORDER_STEPS
+    assert [s["event"] for s in steps] == PAID_RUN_STEPS
     assert {s["order_id"] for s in steps} == {order_id}
     assert [item["id"] for item in rest] == [s["id"] for s in steps[3:]]
 

@@ -8,6 +8,7 @@ import pytest
 from roompay.services.timeline import order_timeline
 from tests.support.devices import device_process
 from tests.support.server import Stack
+from tests.support.timeline import PAID_RUN_STEPS
 from tests.support.waiting import wait_for
 
 QR_PREFIX = {"wechat": "weixin://wxpay/bizpayurl?pr=", "alipay": "https://qr.alipay.com/"}
@@ -49,13 +50,4 @@ def test_guest_pays_by_qr_and_the_appliance_runs_to_completion(stack: Stack, wal
     assert done["ended_at"] is not None
     with stack.runtime.ctx.sessions() as session:
         steps = [e.event for e in order_timeline(session, order["order_id"])]
-    assert steps == [
-        "created",
-        "qr_issued",
-        "paid",
-        "command_queued",
-        "command_sent",
-        "command_accepted",
-        "started",
-        "ended",
-    ]
+    assert steps == PAID_RUN_STEPS

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from roompay.bench.cpu import COMPONENTS
+
 
 def ratio(value: float, base: float) -> float:
     """`value / base`, 0 when there is no base."""
@@ -95,15 +97,12 @@ def tables(results: dict[str, Any]) -> list[Table]:
     stages.add_column("notify answered", justify="right")
     for name in columns:
         stages.add_column(name.replace("command_", "cmd "), justify="right")
-    stages.add_column("server CPU ms/order (baseline)", justify="right")
     for row in results["pay_to_start"]:
         ours = row["roompay"]
         stages.add_row(
             str(row["concurrency"]),
             f"{ours['notify_p50_ms']:.1f}",
             *(f"{ours['stages_ms'].get(name, 0.0):.1f}" for name in columns),
-            f"{ours.get('cpu_ms_per_order', 0.0):.2f}"
-            f" ({row['baseline'].get('cpu_ms_per_order', 0.0):.2f})",
         )
     other = Table(title="checkout, fleet, feed")
     for column in ("measure", "figures"):
@@ -139,7 +138,32 @@ def tables(results: dict[str, Any]) -> list[Table]:
         goals.add_column(column)
     for check in results["targets"]:
         goals.add_row(check["target"], str(check["value"]), "yes" if check["met"] else "NO")
-    return [main, stages, other, goals]
+    return [main, stages, _cpu_table(results), other, goals]
+
+
+def _cpu_table(results: dict[str, Any]) -> Table:
+    """CPU per order by process, roompay's and in brackets the baseline's."""
+    table = Table(
+        title="CPU per order by process, ms: roompay (baseline); and what a free server would allow"
+    )
+    table.add_column("c", justify="right")
+    for name in (*COMPONENTS, "total"):
+        table.add_column("load generator" if name == "load" else name, justify="right")
+    table.add_column("orders/s if the server cost nothing", justify="right")
+    table.add_column("50% of baseline orders/s", justify="right")
+    for row in results["pay_to_start"]:
+        ours = row["roompay"].get("cpu_ms_by_process", {})
+        base = row["baseline"].get("cpu_ms_by_process", {})
+        table.add_row(
+            str(row["concurrency"]),
+            *(
+                f"{ours.get(name, 0.0):.2f} ({base.get(name, 0.0):.2f})"
+                for name in (*COMPONENTS, "total")
+            ),
+            f"{row['roompay'].get('without_server_per_second', 0):.0f}",
+            f"{row['baseline']['per_second'] / 2:.0f}",
+        )
+    return table
 
 
 def print_report(results: dict[str, Any], console: Console | None = None) -> None:

@@ -40,6 +40,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from roompay.bench.baseline import TABLE_SQL, BaselineConfig
+from roompay.bench.cpu import DatabaseProcesses, ProcessGroups
 from roompay.bench.devices import FleetSpec, run_fleet
 from roompay.bench.http import BareHttp
 from roompay.demo import sandbox_merchant_settings
@@ -95,14 +96,6 @@ def rss_mb(pid: int) -> float:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far, in seconds (/proc/<pid>/stat)."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return 0.0
 
 
@@ -292,6 +285,10 @@ class Fleet:
         self.processes += new
         return time.perf_counter() - started
 
+    def pids(self) -> list[int]:
+        """The fleet's processes."""
+        return [process.pid for process, _conn in self.processes if process.pid is not None]
+
     def ask(self, request: str) -> list[Any]:
         """Send a request to every fleet process and collect the answers."""
         for _process, conn in self.processes:
@@ -358,10 +355,21 @@ class Stack:
     broker_pid: int | None
     fleet: Fleet
     stops: list[Callable[[], None]]
+    database_processes: Callable[[], list[int]] = list
     waiters: dict[str, asyncio.Future[float]] = field(default_factory=dict)
     stuck_running: int = 0  # appliances the server still had running after their runs ended
     refused_checkouts: int = 0
     listener: asyncio.Task[None] | None = None
+
+    def process_groups(self, server_pid: int) -> ProcessGroups:
+        """This run's processes by component, with `server_pid` as the server measured."""
+        return ProcessGroups(
+            server=server_pid,
+            database=self.database_processes,
+            broker=self.broker_pid,
+            appliances=self.fleet.pids,
+            load=os.getpid(),
+        )
 
     @property
     def plain_database_url(self) -> str:
@@ -748,6 +756,17 @@ async def _storage_and_broker(
     return database_url, "postgresql", mqtt_url, mosquitto_pid(parse_mqtt_url(mqtt_url).port)
 
 
+def _database_processes(
+    libpq_url: str, backend: str, stops: list[Callable[[], None]]
+) -> Callable[[], list[int]]:
+    """The database's processes for the CPU meter (none on SQLite: it runs in the server)."""
+    if backend != "postgresql":
+        return list
+    processes = DatabaseProcesses(libpq_url)
+    stops.append(processes.close)
+    return processes
+
+
 async def _open(
     work_dir: Path,
     embedded: bool,
@@ -781,10 +800,11 @@ async def _open(
     stops.append(server.stop)
 
     baseline_port = free_port()
+    plain_url = database_url.replace("postgresql+psycopg://", "postgresql://")
     config_path = work_dir / "baseline.json"
     BaselineConfig(
         port=baseline_port,
-        database=database_url.replace("postgresql+psycopg://", "postgresql://"),
+        database=plain_url,
         mqtt_host=endpoint.host,
         mqtt_port=endpoint.port,
         topic_root=base_root,
@@ -821,6 +841,7 @@ async def _open(
         broker_pid=broker_pid,
         fleet=fleet,
         stops=stops,
+        database_processes=_database_processes(plain_url, backend, stops),
     )
     # Stopped in reverse: the server goes first, then the fleet clears its retained births.
     stops.insert(stops.index(server.stop), fleet.stop)

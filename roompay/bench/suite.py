@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roompay.bench.cpu import CpuMeter, without_server_per_second
 from roompay.bench.feed import WARMUP_STARTS, run_feed
 from roompay.bench.fleet import run_fleet_phase
 from roompay.bench.pay_to_start import (
@@ -31,7 +32,7 @@ from roompay.bench.pay_to_start import (
     roompay_job,
 )
 from roompay.bench.report import ratio, targets
-from roompay.bench.stack import Stack, cpu_seconds, open_stack
+from roompay.bench.stack import Stack, open_stack
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_MQTT = "own"
@@ -161,15 +162,15 @@ async def _measure(options: BenchOptions, stack: Stack) -> dict[str, Any]:
         items = prepared[level]
         _quiet_collector()
         _say(options, f"pay -> start at c={level}: baseline, then roompay ({len(items)} orders)")
-        used = cpu_seconds(stack.baseline.pid)
+        meter = CpuMeter(stack.process_groups(stack.baseline.pid)).start()
         base = (await closed_loop(stack, stack.baseline_port, baseline_job, items, level)).figures()
-        base["cpu_ms_per_order"] = _cpu_per_order(stack.baseline.pid, used, len(items))
+        _add_cpu(base, meter, len(items))
         spy = _start_profile(options, stack, level)
-        used = cpu_seconds(stack.server.pid)
+        meter = CpuMeter(stack.process_groups(stack.server.pid)).start()
         ours = (
             await closed_loop(stack, stack.server_port, roompay_job(stack), items, level)
         ).figures()
-        ours["cpu_ms_per_order"] = _cpu_per_order(stack.server.pid, used, len(items))
+        _add_cpu(ours, meter, len(items))
         _stop_profile(spy)
         ours["stages_ms"] = await stack.stages([item.order_id for item in items])
         await stack.end_runs()
@@ -224,9 +225,15 @@ def _quiet_collector() -> None:
     gc.disable()
 
 
-def _cpu_per_order(pid: int, before_s: float, orders: int) -> float:
-    """The server process's CPU time per order since `before_s`, in ms (0 if none)."""
-    return round((cpu_seconds(pid) - before_s) * 1000 / orders, 2) if orders else 0.0
+def _add_cpu(figures: dict[str, Any], meter: CpuMeter, orders: int) -> None:
+    """The phase's CPU per order: the server's, each process group's, and the rate the
+    machine could carry if the server cost nothing."""
+    by_process = meter.per_order(orders)
+    figures["cpu_ms_per_order"] = by_process["server"]
+    figures["cpu_ms_by_process"] = by_process
+    figures["without_server_per_second"] = without_server_per_second(
+        by_process, os.cpu_count() or 1
+    )
 
 
 def _start_profile(

@@ -4,12 +4,17 @@ No timing is asserted (the machine is shared); only that each measure happened,
 with nothing lost: every order accepted, every start seen by every subscriber.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from roompay.bench import BenchOptions, Sizes, run_suite
+from roompay.bench.cpu import CpuMeter, DatabaseProcesses, ProcessGroups, without_server_per_second
 from tests.support.services import MOSQUITTO_URL, PG_ADMIN_URL
 
 TINY = Sizes(
@@ -37,6 +42,10 @@ def _assert_complete(results: dict[str, Any]) -> None:
             assert figures["p99_ms"] >= figures["p50_ms"]
             assert figures["per_second"] > 0
             assert figures["cpu_ms_per_order"] >= 0
+            by_process = figures["cpu_ms_by_process"]
+            assert by_process["server"] == figures["cpu_ms_per_order"]
+            parts = ("server", "database", "broker", "appliances", "load")
+            assert by_process["total"] == pytest.approx(sum(by_process[p] for p in parts), abs=0.01)
         assert row["ratio_p50"] > 0
         assert row["ratio_per_second"] > 0
     # CPU is counted in clock ticks: a handful of tiny orders may fit in one, not all nine
@@ -77,3 +86,55 @@ def test_the_smallest_bench_on_postgres_and_mosquitto_reports_every_figure(
 
     _assert_complete(results)
     assert results["backend"] == "PostgreSQL + Mosquitto"
+
+
+BUSY_THEN_IDLE = """
+import sys, time
+began = time.process_time()
+while time.process_time() - began < 0.3:
+    pass
+print("busy done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_cpu_meter_charges_a_process_its_cpu_time_per_order() -> None:
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_THEN_IDLE], stdout=subprocess.PIPE)
+    try:
+        groups = ProcessGroups(
+            server=busy.pid, database=list, broker=None, appliances=list, load=os.getpid()
+        )
+        meter = CpuMeter(groups).start()
+        assert busy.stdout is not None
+        assert busy.stdout.readline() == b"busy done\n"
+
+        figures = meter.per_order(10)
+    finally:
+        busy.kill()
+        busy.communicate()
+
+    # 0.3 s of CPU over 10 orders, counted in clock ticks (10 ms) from a start that may
+    # come after the interpreter's own start-up: at least 30 ms a order, less a tick
+    assert figures["server"] >= 29.0
+    assert (figures["database"], figures["broker"], figures["appliances"]) == (0.0, 0.0, 0.0)
+    assert figures["total"] == pytest.approx(figures["server"] + figures["load"], abs=0.01)
+    assert without_server_per_second(figures, 2) == (
+        round(2000 / figures["load"]) if figures["load"] else 0.0
+    )
+
+
+@pytest.mark.services
+def test_the_database_processes_are_its_own_backends_and_the_cluster_background(
+    postgres_url: str,
+) -> None:
+    libpq_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    processes = DatabaseProcesses(libpq_url)
+    try:
+        with psycopg.connect(libpq_url) as ours, psycopg.connect(PG_ADMIN_URL) as elsewhere:
+            found = processes()
+            assert ours.info.backend_pid in found
+            assert elsewhere.info.backend_pid not in found
+            # the WAL writer writes every database's commits
+            assert len(found) >= 3
+    finally:
+        processes.close()

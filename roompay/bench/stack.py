@@ -456,7 +456,10 @@ class Stack:
         while len(found) < len(order_ids):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(found)}/{len(order_ids)} notifies were held")
-            for request in held[seen:]:
+            # The sandbox appends from its own thread: take a slice, then count what was taken.
+            batch = held[seen:]
+            seen += len(batch)
+            for request in batch:
                 resource = json.loads(request.content)["resource"]
                 trade = json.loads(
                     decrypt_resource(
@@ -468,7 +471,6 @@ class Stack:
                 )
                 if trade["out_trade_no"] in order_ids:
                     found.setdefault(trade["out_trade_no"], request.content)
-            seen = len(held)
             await asyncio.sleep(0.01)
         return found
 

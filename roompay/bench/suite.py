@@ -30,6 +30,7 @@ from roompay.bench.pay_to_start import (
     closed_loop,
     percentile,
     roompay_job,
+    sign_all,
 )
 from roompay.bench.report import ratio, targets
 from roompay.bench.stack import Stack, open_stack
@@ -153,8 +154,8 @@ async def _measure(options: BenchOptions, stack: Stack) -> dict[str, Any]:
 
     _quiet_collector()
     _say(options, "warming up")
-    await closed_loop(stack, stack.baseline_port, baseline_job, warm, 1)
-    await closed_loop(stack, stack.server_port, roompay_job(stack), warm, 1)
+    await closed_loop(stack.baseline_port, baseline_job, sign_all(stack, warm), 1)
+    await closed_loop(stack.server_port, roompay_job(stack), sign_all(stack, warm), 1)
     await stack.end_runs()
 
     rows = []
@@ -162,14 +163,14 @@ async def _measure(options: BenchOptions, stack: Stack) -> dict[str, Any]:
         items = prepared[level]
         _quiet_collector()
         _say(options, f"pay -> start at c={level}: baseline, then roompay ({len(items)} orders)")
+        signed = sign_all(stack, items)
         meter = CpuMeter(stack.process_groups(stack.baseline.pid)).start()
-        base = (await closed_loop(stack, stack.baseline_port, baseline_job, items, level)).figures()
+        base = (await closed_loop(stack.baseline_port, baseline_job, signed, level)).figures()
         _add_cpu(base, meter, len(items))
+        signed = sign_all(stack, items)
         spy = _start_profile(options, stack, level)
         meter = CpuMeter(stack.process_groups(stack.server.pid)).start()
-        ours = (
-            await closed_loop(stack, stack.server_port, roompay_job(stack), items, level)
-        ).figures()
+        ours = (await closed_loop(stack.server_port, roompay_job(stack), signed, level)).figures()
         _add_cpu(ours, meter, len(items))
         _stop_profile(spy)
         ours["stages_ms"] = await stack.stages([item.order_id for item in items])

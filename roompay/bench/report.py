@@ -40,6 +40,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": fleet["server_rss_mb"] < 500 and fleet["errors"] == 0,
             }
         )
+    counts = results.get("audit")
+    if counts:
+        checks.append(
+            {
+                "target": f"every invariant holds after the load ({counts['paid']} paid orders)",
+                "value": f"{counts['violations']} broken",
+                "met": counts["violations"] == 0 and counts["paid"] > 0,
+            }
+        )
     feed = results.get("feed")
     if feed:
         checks.append(
@@ -132,6 +141,16 @@ def tables(results: dict[str, Any]) -> list[Table]:
             f"all saw it: p50 {feed['all_seen_p50_ms']:.1f} ms  p99"
             f" {feed['all_seen_p99_ms']:.1f} ms; each: p50 {feed['each_p50_ms']:.1f} ms"
             f"  p99 {feed['each_p99_ms']:.1f} ms; missed {feed['missed']}",
+        )
+    counts = results.get("audit")
+    if counts:
+        other.add_row(
+            "after the load: every order audited",
+            f"{counts['orders']} orders, {counts['paid']} paid; paid not booked once"
+            f" {counts['paid_not_booked_once']}, not run once {counts['paid_not_run_once']},"
+            f" in flight {counts['paid_in_flight']}; runs without payment"
+            f" {counts['run_without_payment']}; unbalanced entries"
+            f" {counts['unbalanced_entries']}; accounts sum {counts['ledger_sum_fen']} fen",
         )
     goals = Table(title="targets")
     for column in ("target", "measured", "met"):

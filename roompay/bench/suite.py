@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roompay.bench.audit import audit, violations
 from roompay.bench.cpu import CpuMeter, without_server_per_second
 from roompay.bench.feed import WARMUP_STARTS, run_feed
 from roompay.bench.fleet import run_fleet_phase
@@ -196,7 +197,11 @@ async def _measure(options: BenchOptions, stack: Stack) -> dict[str, Any]:
     fleet = await run_fleet_phase(
         stack, sizes.fleet_devices, sizes.fleet_rate, sizes.fleet_s, sizes.heartbeat_s
     )
+    _say(options, "ending every run; auditing the orders")
+    await stack.end_runs()
+    counts = await asyncio.to_thread(audit, stack.database_url)
     return {
+        "audit": counts | {"violations": violations(counts)},
         "anomalies": {
             "stuck_running": stack.stuck_running,
             "refused_checkouts": stack.refused_checkouts,

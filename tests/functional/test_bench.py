@@ -61,6 +61,11 @@ def _assert_complete(results: dict[str, Any]) -> None:
     assert (feed["subscribers"], feed["starts"], feed["missed"], feed["errors"]) == (3, 2, 0, 0)
     assert feed["all_seen_p99_ms"] > 0
     assert {check["target"].split(" ")[0] for check in results["targets"]} >= {"pay->start"}
+    # every order the bench paid was booked once, ran once and ended; the ledger balances
+    counts = results["audit"]
+    paid_by_bench = sum(TINY.orders.values()) + TINY.warmup + TINY.feed_orders + fleet["orders"]
+    assert counts["paid"] == paid_by_bench
+    assert counts["violations"] == 0, counts
 
 
 @pytest.mark.timeout(60)

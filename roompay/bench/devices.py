@@ -138,7 +138,9 @@ def _run_event(run: _Run, event: str, seq: int) -> dict[str, Any]:
 async def _boot(fleet: _Fleet, code: str, gate: asyncio.Semaphore) -> None:
     spec = fleet.spec
     state = f"{spec.root}/dev/{code}/state"
-    client = MiniMqtt(code, _handler(fleet, code))
+    # The run's own client ids: the codes are the same in every run, and a broker shared by
+    # two runs at once would otherwise hand each appliance's session from one to the other.
+    client = MiniMqtt(f"{spec.root.split('/')[0]}-{code}", _handler(fleet, code))
     fleet.clients[code] = client
     will = Will(state, _dump({"state": "lost", "boot_id": 1}))
     async with gate:

@@ -7,6 +7,8 @@ with nothing lost: every order accepted, every start seen by every subscriber.
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ import pytest
 
 from roompay.bench import BenchOptions, Sizes, run_suite
 from roompay.bench.cpu import CpuMeter, DatabaseProcesses, ProcessGroups, without_server_per_second
+from roompay.bench.devices import FleetSpec
+from roompay.bench.stack import Fleet
+from roompay.protocol.mqtt_url import parse_mqtt_url
 from tests.support.services import MOSQUITTO_URL, PG_ADMIN_URL
 
 TINY = Sizes(
@@ -143,3 +148,23 @@ def test_the_database_processes_are_its_own_backends_and_the_cluster_background(
             assert len(found) >= 3
     finally:
         processes.close()
+
+
+@pytest.mark.services
+@pytest.mark.timeout(60)
+def test_two_runs_on_one_broker_keep_their_appliances_connected() -> None:
+    endpoint = parse_mqtt_url(MOSQUITTO_URL)
+    codes = [f"B{n:05d}" for n in range(1, 4)]  # every run seeds the same codes
+    fleets = [Fleet(), Fleet()]
+    try:
+        for run, fleet in enumerate(fleets):
+            root = f"bench{uuid.uuid4().hex[:8]}"
+            spec = FleetSpec(endpoint.host, endpoint.port, f"{root}/v1", f"{root}/base", codes)
+            fleet.start([spec])
+            assert fleet.stats()["disconnected"] == 0, f"run {run}"
+        # the second run's appliances took nothing from the first's
+        time.sleep(0.5)
+        assert [fleet.stats()["disconnected"] for fleet in fleets] == [0, 0]
+    finally:
+        for fleet in fleets:
+            fleet.stop()

@@ -20,7 +20,11 @@ from roompay.protocol.messages import RunAck
 from roompay.protocol.mqtt_url import MqttEndpoint, parse_mqtt_url
 from roompay.protocol.topics import ParsedTopic, Topics
 from roompay.services.context import ServiceContext
-from roompay.services.devices import mark_silent_devices_offline, submit_device_message
+from roompay.services.devices import (
+    flush_heartbeats,
+    mark_silent_devices_offline,
+    submit_device_message,
+)
 from roompay.services.dispatch import dispatch_due
 from roompay.services.expiry import sweep_unpaid
 from roompay.services.metrics import Metrics
@@ -179,12 +183,13 @@ class Runtime:
         refunds = PeriodicWorker("refunds", lambda: process_due_refunds(ctx), interval)
         checkouts = PeriodicWorker("checkouts", lambda: sweep_unpaid(ctx), interval)
         presence = PeriodicWorker("presence", lambda: mark_silent_devices_offline(ctx), 10.0)
+        heartbeats = PeriodicWorker("heartbeats", lambda: flush_heartbeats(ctx), interval)
         ctx.on_commands_queued = dispatcher.wake
         ctx.on_refunds_queued = refunds.wake
         ctx.on_run_event_stored = lambda code, run_id, seq: link.publish_run_ack(
             code, RunAck(run_id=run_id, seq=seq)
         )
-        self.workers = [dispatcher, refunds, checkouts, presence]
+        self.workers = [dispatcher, refunds, checkouts, presence, heartbeats]
         for worker in self.workers:
             worker.start()
         webhooks = PeriodicWorker("webhooks", self.webhooks.deliver_due, interval)
@@ -199,6 +204,8 @@ class Runtime:
         self.ctx.publisher = None
         if self.link is not None:
             self.link.stop()
+        # What was heard before the link stopped, while the writers still run.
+        flush_heartbeats(self.ctx)
         if self.writer is not None:
             self.ctx.writer = None
             self.writer.stop()

@@ -74,18 +74,65 @@ def handle_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: byte
 def submit_device_message(ctx: ServiceContext, topic: ParsedTopic, payload: bytes) -> None:
     """Queue one message from a device for its appliance's writer and return at once.
 
+    A heartbeat is only noted (`HeartbeatBuffer`): `flush_heartbeats` writes them.
+
     The device link calls it on its network thread: decoding and handing over return at
     once (a handler thread that waited for each commit kept one message of its
     appliances in flight, so the writers committed small batches, and every message
     cost thread wake-ups). The writer applies an appliance's messages in the order
     given, answers to commands first (`urgent`); a failure is logged here.
     """
+    if (topic.kind, topic.name) == (TopicKind.EVT, EventName.HB):
+        _note_heartbeat(ctx, topic.code, payload)
+        return
     job = device_message_job(ctx, topic, payload)
     if job is None:
         return
     ctx.submit(job, topic.code, urgent=topic.is_answer).add_done_callback(
         lambda done: _log_failure(done, topic)
     )
+
+
+def _note_heartbeat(ctx: ServiceContext, code: str, payload: bytes) -> None:
+    try:
+        decode(Heartbeat, payload)
+    except ProtocolError as exc:
+        log.warning("bad message from device %s: %s", code, exc)
+        return
+    ctx.heartbeats.note(code, ctx.clock.now())
+
+
+def flush_heartbeats(ctx: ServiceContext) -> int:
+    """Write the heartbeats noted since the last flush; return how many appliances.
+
+    One job per writer, each with the appliances that writer owns (so no two writers
+    lock one appliance's row). A heartbeat heard before a birth or a will that is
+    already written changes nothing (`hot_path.HEARTBEAT`).
+    """
+    heard = ctx.heartbeats.take()
+    pending = [
+        ctx.submit(_heartbeats_job({code: heard[code] for code in codes}), codes[0])
+        for codes in ctx.by_writer(sorted(heard))
+    ]
+    for future in pending:
+        future.result()
+    return len(heard)
+
+
+def _heartbeats_job(heard: dict[str, datetime]) -> Job[None]:
+    """Write heartbeats heard (appliance -> when), one statement run for each."""
+
+    def job(session: Session, after: AfterCommit) -> None:
+        conn = session.connection()
+        params = [{"p_code": code, "p_now": at} for code, at in heard.items()]
+        if conn.execute(hot_path.HEARTBEAT, params).rowcount < len(heard):
+            # Not written: unknown, or a birth or will heard since (that is no error).
+            found = conn.execute(hot_path.KNOWN_DEVICE_CODES, {"p_codes": list(heard)})
+            unknown = sorted(set(heard) - set(found.scalars()))
+            if unknown:
+                after.add(lambda: log.warning("messages from unknown devices %s", unknown))
+
+    return job
 
 
 def _log_failure(done: "Future[None]", topic: ParsedTopic) -> None:
@@ -194,11 +241,7 @@ def _on_boot(
 def _on_heartbeat(
     ctx: ServiceContext, session: Session, after: AfterCommit, code: str, _beat: Heartbeat
 ) -> None:
-    result = session.connection().execute(
-        hot_path.HEARTBEAT, {"p_code": code, "p_now": ctx.clock.now()}
-    )
-    if not getattr(result, "rowcount", 1):
-        after.add(lambda: log.warning("message from unknown device %s", code))
+    _heartbeats_job({code: ctx.clock.now()})(session, after)
 
 
 def _on_ack(

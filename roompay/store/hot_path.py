@@ -342,8 +342,17 @@ DEVICE_ID = select(Device.id).where(Device.code == bindparam("p_code"))
 
 HEARTBEAT = (
     update(Device)
-    .where(Device.code == bindparam("p_code"))
+    .where(
+        Device.code == bindparam("p_code"),
+        or_(Device.last_seen_at.is_(None), Device.last_seen_at < bindparam("p_now")),
+    )
     .values(last_seen_at=bindparam("p_now"), online=True)
+)
+"""A heartbeat heard at `p_now`: the appliance is online, unless a birth or will heard
+since says otherwise (heartbeats are written in bulk, after later messages)."""
+
+KNOWN_DEVICE_CODES = select(Device.code).where(
+    Device.code.in_(bindparam("p_codes", expanding=True))
 )
 
 RESEND_OPEN_COMMANDS = (

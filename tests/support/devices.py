@@ -66,7 +66,7 @@ def device_process(
 
 @contextmanager
 def device_agents(
-    stack: Stack, codes: list[str], time_scale: float = 1000.0
+    stack: Stack, codes: list[str], time_scale: float = 1000.0, heartbeat_s: float = 30.0
 ) -> Iterator[list[DeviceAgent]]:
     """Run in-process agents for these devices until the block ends."""
     endpoint = parse_mqtt_url(stack.mqtt_url)
@@ -79,6 +79,7 @@ def device_agents(
             device_key=device_key(stack.settings.secret_key.encode(), code, "k1"),
             time_scale=time_scale,
             progress_every_s=600,
+            heartbeat_s=heartbeat_s,
         )
         for code in codes
     ]

@@ -205,7 +205,11 @@ class Runtime:
         if self.link is not None:
             self.link.stop()
         # What was heard before the link stopped, while the writers still run.
-        flush_heartbeats(self.ctx)
+        try:
+            flush_heartbeats(self.ctx)
+        except Exception:
+            # Heartbeats come again every 30 s; stopping must go on.
+            log.exception("the last heartbeats could not be written")
         if self.writer is not None:
             self.ctx.writer = None
             self.writer.stop()

@@ -44,12 +44,19 @@ class DatabaseProcesses:
             "SELECT pid FROM pg_stat_activity"
             " WHERE datname = current_database() OR backend_type <> 'client backend'"
         ).fetchall()
-        pids = [int(row[0]) for row in rows]
-        return pids if all(Path(f"/proc/{pid}").exists() for pid in pids) else []
+        return [int(pid) for (pid,) in rows if _is_postgres(int(pid))]
 
     def close(self) -> None:
         """Close the connection the pids are read with."""
         self._conn.close()
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether `pid` is a PostgreSQL process of this machine (not one of a remote cluster's
+    pids that happens to name a process here)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().startswith("postgres")
+    return False
 
 
 @dataclass(frozen=True)

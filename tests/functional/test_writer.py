@@ -3,7 +3,8 @@ the striped writer: one appliance's jobs in order on one writer, others beside t
 server's writers on PostgreSQL, each on a connection of its own."""
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -82,22 +83,28 @@ def _held(writer: BatchWriter) -> threading.Event:
     return release
 
 
+def _run_after_waiting(writer: BatchWriter, submit: Callable[[], "list[Future[str]]"]) -> list[str]:
+    """Start the writer, keep it busy while `submit` queues jobs, free it; their results."""
+    writer.start()
+    try:
+        release = _held(writer)
+        futures = submit()
+        assert writer.waiting == len(futures)
+        release.set()
+        return [future.result(10) for future in futures]
+    finally:
+        writer.stop()
+
+
 def test_jobs_waiting_together_commit_together_in_their_order(
     sessions: sessionmaker[Session],
 ) -> None:
     writer = BatchWriter(sessions)
-    writer.start()
     log: list[str] = []
-    try:
-        # Given the writer is busy while five jobs arrive
-        release = _held(writer)
-        futures = [writer.submit(_note(f"n{i}", log)) for i in range(5)]
-        assert writer.waiting == 5
-        # When it is free again
-        release.set()
-        results = [future.result(10) for future in futures]
-    finally:
-        writer.stop()
+    # Given the writer is busy while five jobs arrive; when it is free again
+    results = _run_after_waiting(
+        writer, lambda: [writer.submit(_note(f"n{i}", log)) for i in range(5)]
+    )
     # Then the five ran as one batch, in order, each caller with its own result
     assert results == ["N0", "N1", "N2", "N3", "N4"]
     assert _texts(sessions) == ["n0", "n1", "n2", "n3", "n4"]
@@ -109,19 +116,15 @@ def test_urgent_jobs_go_before_those_waiting_and_keep_their_own_order(
     sessions: sessionmaker[Session],
 ) -> None:
     writer = BatchWriter(sessions)
-    writer.start()
     log: list[str] = []
-    try:
-        # Given the writer is busy while run events and then two answers arrive
-        release = _held(writer)
-        futures = [writer.submit(_note(f"run{i}", log)) for i in range(3)]
-        futures += [writer.submit(_note(f"ack{i}", log), urgent=True) for i in range(2)]
-        assert writer.waiting == 5
-        # When it is free again
-        release.set()
-        results = [future.result(10) for future in futures]
-    finally:
-        writer.stop()
+    # Given the writer is busy while run events and then two answers arrive; when it is free
+    results = _run_after_waiting(
+        writer,
+        lambda: (
+            [writer.submit(_note(f"run{i}", log)) for i in range(3)]
+            + [writer.submit(_note(f"ack{i}", log), urgent=True) for i in range(2)]
+        ),
+    )
     # Then the answers were applied first, in their order, in the same batch as the rest
     assert results == ["RUN0", "RUN1", "RUN2", "ACK0", "ACK1"]
     assert _texts(sessions) == ["ack0", "ack1", "run0", "run1", "run2"]
